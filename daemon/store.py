@@ -47,6 +47,7 @@ STATES: dict[str, str] = {
     "arrived": "file complete and recorded; nothing done yet (also after its content changed)",
     "waiting_log": "no observing-log line covers this frame number yet",
     "waiting_catalog": "reference catalog unavailable for this field; retried later",
+    "queued": "its log line is known; waiting for a worker (or for newer masters)",
     "processing": "handed to a worker (headers, calibration, astrometry, photometry)",
     "calibration": "a bias/dark/flat frame that went into the night's master",
     "rejected": "a calibration frame left out of the master (reason says why)",
