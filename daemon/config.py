@@ -57,7 +57,7 @@ class CameraConfig:
     folder: str = ""  # watched sub-folder for this camera; "" = infer from folder or name
     saturation_adu: float = 65000.0
     nonlinearity_adu: float = 60000.0
-    dark_current_e_per_s: float = 0.01  # below this threshold darks are not applied
+    dark_current_e_per_s: float = 0.1  # paper: below 0.1 e-/px/s darks are negligible
     overscan: str = ""  # FITS section e.g. "[2537:2560,1:3358]"; "" = none
     trim: str = ""  # FITS section to keep; "" = whole frame
 
@@ -110,6 +110,11 @@ class CalibrationConfig:
     flat_max_adu: float = 50000.0
     combine_sigma: float = 3.0
     memory_limit_mb: float = 512.0
+    # A bias or dark this far (ADU) from the night's others has a light leak
+    # or a bad readout; the simulator's bias level wanders by ~0.3 ADU.
+    outlier_level_adu: float = 20.0
+    # More saturated pixels than this (fraction) rejects a calibration frame.
+    max_saturated_fraction: float = 0.001
 
 
 @dataclass(frozen=True)
@@ -121,6 +126,9 @@ class CatalogConfig:
     retries: int = 3
     radius_arcmin: float = 6.0
     max_mag: float = 21.0
+    tile_deg: float = 0.25  # online cones are cached per sky tile of this size
+    backoff_s: float = 2.0  # first retry delay; doubles on each retry
+    retry_after_s: float = 600.0  # after a failed query, do not ask again for this long
 
 
 @dataclass(frozen=True)
@@ -134,6 +142,10 @@ class AstrometryConfig:
     max_offset_arcmin: float = 5.0
     max_elongation: float = 1.5
     min_sources: int = 5
+    max_rotation_deg: float = 5.0  # largest camera rotation away from detector.rotation_deg
+    max_doubled_fraction: float = 0.3  # sources with a same-offset twin: double exposure
+    max_catalog_stars: int = 150  # brightest catalog stars used for pattern matching
+    sip_degree: int = 0  # 0 = pure TAN; 2-3 adds SIP distortion when enough stars match
 
 
 @dataclass(frozen=True)
@@ -144,6 +156,24 @@ class PhotometryConfig:
     annulus_outer_fwhm: float = 5.0
     max_comparison_stars: int = 8
     comparison_stars: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Optimal-aperture search range (FWHM units) and the curve-of-growth radius.
+    aperture_min_fwhm: float = 0.4
+    aperture_max_fwhm: float = 2.0
+    growth_radius_fwhm: float = 3.0
+    growth_min_snr: float = 150.0  # stars this bright (at the optimal aperture) build the curve
+    growth_max_stars: int = 25
+    centroid_min_snr: float = 20.0  # fainter stars are measured at the WCS position
+    centroid_max_shift_fwhm: float = 1.0
+    neighbour_max_contamination: float = 0.01  # fraction of a star's flux from neighbours
+    sky_clip_sigma: float = 3.0
+    sky_err_floor_e_per_px: float = 0.0  # systematic floor on the local-sky error
+    cosmic_sigma: float = 5.0  # a cosmic-ray pixel stands this many sigma above its neighbours
+    cosmic_contrast: float = 2.0  # ... and this many times sharper than a star's core allows
+    # Light curves: comparison ensemble and zero point.
+    comparison_max_err_mag: float = 0.02
+    comparison_max_chi2: float = 4.0  # reduced chi^2 above which a comparison "varies"
+    comparison_min_stars: int = 2
+    zero_point_clip_sigma: float = 3.0
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,131 @@
+"""Reading commands: ``photd status``, ``tail``, ``export`` and ``plot``.
+
+They open the store read-only, so they work while the daemon writes (WAL).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from daemon.config import Config
+from daemon.obslog import slug
+from daemon.scheduler import store_path
+from daemon.store import Store
+
+
+def _open(cfg: Config) -> Store | None:
+    path = store_path(cfg.work_dir)
+    if not path.exists():
+        print(f"photd: no store in {cfg.work_dir} (has `photd run --work "
+              f"{cfg.work_dir}` run?)", file=sys.stderr)
+        return None
+    return Store.open_readonly(path)
+
+
+def status(cfg: Config, *, as_json: bool = False) -> int:
+    """Print frame counts per state and the frames that need attention."""
+    store = _open(cfg)
+    if store is None:
+        return 1
+    with store:
+        data = store.status_json()
+    if as_json:
+        print(json.dumps(data, indent=1))
+        return 0
+    total = sum(data["counts"].values())
+    print(f"{total} frames: " + ", ".join(f"{n} {s}" for s, n in sorted(data["counts"].items())))
+    for f in data["frames"]:
+        if f["state"] not in ("done", "calibration"):
+            print(f"  {f['state']:<15} {f['band'] or '-'}  {f['path']}"
+                  + (f"  ({f['reason']})" if f["reason"] else ""))
+    return 0
+
+
+def _rows(cfg: Config, target: str, band: str | None) -> list[dict] | None:
+    store = _open(cfg)
+    if store is None:
+        return None
+    with store:
+        return store.lightcurve(target, band)
+
+
+def _table(rows: list[dict]) -> str:
+    head = (f"{'band':<4} {'frame':>5} {'mjd':>12} {'mag':>8} {'err':>6} {'diff':>8} "
+            f"{'err':>6} {'fwhm_as':>7} flags")
+    lines = [head]
+    for r in rows:
+        def num(v, fmt):
+            return format(v, fmt) if v is not None else "-"
+        lines.append(f"{r['band']:<4} {r.get('frame_number') or '':>5} {num(r['mjd'], '12.5f')} "
+                     f"{num(r['mag'], '8.3f')} {num(r['mag_err'], '6.3f')} "
+                     f"{num(r['diff_mag'], '8.3f')} {num(r['diff_mag_err'], '6.3f')} "
+                     f"{num(r['fwhm_arcsec'], '7.2f')} {r['flags'] or 0}")
+    return "\n".join(lines)
+
+
+def tail(cfg: Config, target: str, *, band: str | None = None, follow: bool = False,
+         n: int = 15) -> int:
+    """Show the newest light-curve points; with ``follow``, keep updating."""
+    from daemon.export import terminal_plot
+
+    shown = None
+    while True:
+        rows = _rows(cfg, target, band)
+        if rows is None:
+            return 1
+        key = [(r["frame_id"], r["diff_mag"]) for r in rows]
+        if key != shown:
+            shown = key
+            if follow:
+                print("\033[2J\033[H", end="")
+            print(f"{target}: {len(rows)} points")
+            print(_table(rows[-n:]))
+            if rows:
+                print(terminal_plot(rows))
+            sys.stdout.flush()
+        if not follow:
+            return 0 if rows else 1
+        time.sleep(2.0)
+
+
+def export(cfg: Config, target: str, *, band: str | None = None, fmt: str = "csv",
+           output: str | None = None) -> int:
+    """Write a target's light curve as CSV (the contract columns), ECSV or AAVSO."""
+    from daemon import export as ex
+
+    rows = _rows(cfg, target, band)
+    if rows is None:
+        return 1
+    if not rows:
+        print(f"photd: no light-curve points for {target!r}"
+              + (f" in band {band}" if band else ""), file=sys.stderr)
+        return 1
+    text = {"csv": ex.to_csv, "ecsv": ex.to_ecsv, "aavso": ex.to_aavso}[fmt](rows)
+    if output:
+        Path(output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def plot(cfg: Config, target: str, *, band: str | None = None,
+         output: str | None = None) -> int:
+    """Plot a target's light curve per band, comparison stars beneath."""
+    from daemon import export as ex
+
+    rows = _rows(cfg, target, band)
+    if rows is None:
+        return 1
+    if not rows:
+        print(f"photd: no light-curve points for {target!r}", file=sys.stderr)
+        return 1
+    out = Path(output or f"{slug(target)}.png")
+    by_band: dict[str, list[dict]] = {}
+    for r in rows:
+        by_band.setdefault(r["band"], []).append(r)
+    ex.plot_lightcurve(by_band, {}, out)
+    print(out)
+    return 0

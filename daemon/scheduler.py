@@ -1,0 +1,716 @@
+"""The daemon: the main loop that turns folder events into finished frames.
+
+The main process owns the store (the single writer) and decides what runs
+next; a process pool does the numeric work (:mod:`daemon.pipeline`).
+APScheduler's background jobs only raise flags (rescan, disk check,
+housekeeping) that the main loop acts on, so every store write happens on
+one thread.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from astropy.io import fits
+from astropy.time import Time
+
+from daemon import pipeline
+from daemon.config import Config
+from daemon.headers import band_from, frame_number_from
+from daemon.logs import configure, get_logger
+from daemon.obslog import LogEntry, ObservingLog, find_logs, merge_logs, read_log, slug
+from daemon.pipeline import FrameResult, FrameTask, Masters
+from daemon.store import Store
+from daemon.watcher import FolderWatcher, check_complete, is_frame_name, scan, sha256_of
+
+STORE_NAME = "photd.sqlite"
+LOG_SUFFIXES = (".log", ".txt", ".csv", ".lst", "")
+
+
+def store_path(work: Path) -> Path:
+    """Where the store lives inside a work folder."""
+    return work / STORE_NAME
+
+
+def night_of(date_obs: str | None, utc_offset_h: float, fallback_unix: float) -> str:
+    """The observing night (local date at the start of the night, noon to noon)."""
+    try:
+        t = Time(date_obs, format="isot", scale="utc") if date_obs else None
+    except ValueError:
+        t = None
+    if t is None:
+        t = Time(fallback_unix, format="unix")
+    shifted = t + (utc_offset_h - 12.0) * 3600.0 / 86400.0
+    return shifted.to_value("iso", subfmt="date")
+
+
+def sd_notify(message: str) -> None:
+    """Send a message to systemd if it is listening (Type=notify); no-op otherwise."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(addr)
+            sock.sendall(message.encode())
+    except OSError:
+        pass
+
+
+@dataclass
+class _Pending:
+    first_seen: float
+    size: int
+
+
+@dataclass
+class _Flags:
+    rescan: bool = True
+    disk_check: bool = True
+    housekeeping: bool = False
+    stop: bool = False
+
+
+@dataclass
+class Engine:
+    """Decides what each frame needs next and records what the workers return."""
+
+    cfg: Config
+    store: Store
+    pool: cf.Executor
+    log: Any
+    roots: list[Path] = field(default_factory=list)
+    queue: deque[int] = field(default_factory=deque)
+    inflight: dict[cf.Future, tuple[str, Any]] = field(default_factory=dict)
+    incomplete: dict[Path, _Pending] = field(default_factory=dict)
+    logs: dict[Path, tuple[float, ObservingLog]] = field(default_factory=dict)
+    dirty_masters: set[tuple[str, str, str]] = field(default_factory=set)
+    paused: bool = False
+    last_activity: float = field(default_factory=time.monotonic)
+
+    # ------------------------------------------------------------------ paths
+    @property
+    def work(self) -> Path:
+        return self.cfg.work_dir
+
+    def _root_of(self, path: Path) -> Path | None:
+        for root in self.roots:
+            try:
+                path.relative_to(root)
+                return root
+            except ValueError:
+                continue
+        return None
+
+    def output_path(self, frame: dict) -> Path:
+        raw = Path(frame["path"])
+        return self.work / "frames" / frame["night"] / (frame["band"] or "x") / raw.name
+
+    # ------------------------------------------------------------------ logs
+    def _log_for_folder(self, folder: Path) -> list[ObservingLog]:
+        out = []
+        for p in find_logs(folder, self.cfg.obslog):
+            try:
+                mtime = p.stat().st_mtime
+            except OSError:
+                continue
+            cached = self.logs.get(p)
+            if cached is None or cached[0] != mtime:
+                parsed = read_log(p, self.cfg.obslog)
+                for problem in parsed.problems:
+                    self.log.warning("observing log problem", stage="obslog",
+                                     reason=getattr(problem, "reason", "bad_line"),
+                                     error=str(problem))
+                self.logs[p] = (mtime, parsed)
+                cached = self.logs[p]
+            out.append(cached[1])
+        return out
+
+    def entry_for(self, frame: dict) -> tuple[LogEntry | None, str]:
+        """The log line covering a frame: logs in its folder or any folder above it."""
+        raw = Path(frame["path"])
+        root = self._root_of(raw) or raw.parent
+        folders = []
+        folder = raw.parent
+        while True:
+            folders.append(folder)
+            if folder == root or folder.parent == folder:
+                break
+            folder = folder.parent
+        logs = [lg for f in folders for lg in self._log_for_folder(f)]
+        if not logs:
+            return None, f"no observing log found in {raw.parent} or above it"
+        merged = merge_logs(logs)
+        entry = merged.entry_for(frame["frame_number"])
+        if entry is None:
+            return None, (f"frame {frame['frame_number']} is not covered by "
+                          f"{', '.join(sorted({Path(lg.source).name for lg in logs}))}")
+        return entry, ""
+
+    def log_changed(self) -> None:
+        """A log appeared or grew: release waiting frames, redo frames whose entry changed."""
+        for frame in self.store.frames(states=["waiting_log"]):
+            self.classify(frame["id"])
+        for frame in self.store.frames(states=["done", "badfit", "calibration"]):
+            entry, _ = self.entry_for(frame)
+            fp = entry.fingerprint() if entry is not None else None
+            if fp != frame["log_fingerprint"]:
+                self.log.info("log entry changed", frame=frame["path"], stage="obslog")
+                self.classify(frame["id"])
+
+    # ------------------------------------------------------------------ intake
+    def handle_path(self, path: Path) -> None:
+        """Something happened to ``path``: a frame, a log, or nothing of ours."""
+        self.last_activity = time.monotonic()
+        if is_frame_name(path):
+            self.intake_frame(path)
+        elif path.suffix.lower() in LOG_SUFFIXES and path.is_file():
+            before = {p: m for p, (m, _) in self.logs.items()}
+            self._log_for_folder(path.parent)
+            if {p: m for p, (m, _) in self.logs.items()} != before:
+                self.log_changed()
+
+    def intake_frame(self, path: Path) -> None:
+        """Register a frame once it is completely written."""
+        if self.paused:
+            return
+        comp = check_complete(path)
+        now = time.time()
+        if not comp.complete:
+            if comp.reason in ("not_fits", "unreadable") and path.exists():
+                self._record_failure(path, comp.reason, f"{path.name}: {comp.message}")
+                return
+            pend = self.incomplete.get(path)
+            if pend is None or pend.size != comp.size:
+                self.incomplete[path] = _Pending(now if pend is None else pend.first_seen,
+                                                 comp.size)
+            elif now - pend.first_seen > self.cfg.daemon.truncated_timeout_s:
+                reason = "truncated" if comp.reason != "empty" else "empty"
+                self.incomplete.pop(path, None)
+                self._record_failure(path, reason, f"{path.name}: {comp.message} after "
+                                     f"{self.cfg.daemon.truncated_timeout_s:.0f} s")
+            return
+        self.incomplete.pop(path, None)
+        st = path.stat()
+        known = self.store.frame_by_path(str(path))
+        if known and known["size"] == st.st_size and known["mtime"] == st.st_mtime \
+                and known["sha256"]:
+            if known["state"] in ("arrived",) and known["id"] not in self.queue:
+                self.classify(known["id"])
+            return  # unchanged since we last saw it
+        try:
+            header = fits.getheader(path)
+        except (OSError, ValueError) as exc:
+            self._record_failure(path, "unreadable", f"{path.name}: {exc}")
+            return
+        root = self._root_of(path)
+        band = band_from(path, header, self.cfg, root)
+        number = frame_number_from(header, path.name, self.cfg.detector.frame_number_key)
+        night = night_of(header.get("DATE-OBS"), self.cfg.site.utc_offset_h, st.st_mtime)
+        fid, changed = self.store.upsert_frame(
+            str(path), size=st.st_size, mtime=st.st_mtime, sha256=sha256_of(path), band=band,
+            frame_number=number, night=night, closed_at=now)
+        if changed:
+            self.log.info("frame arrived", frame=str(path), band=band, stage="intake",
+                          frame_number=number)
+            self.classify(fid)
+
+    def _record_failure(self, path: Path, reason: str, message: str) -> None:
+        try:
+            st = path.stat()
+            size, mtime = st.st_size, st.st_mtime
+            digest = sha256_of(path)
+        except OSError:
+            size, mtime, digest = 0, 0.0, ""
+        known = self.store.frame_by_path(str(path))
+        if known and known["state"] == "failed" and known["sha256"] == digest:
+            return
+        fid, _ = self.store.upsert_frame(str(path), size=size, mtime=mtime, sha256=digest,
+                                         band=None, frame_number=None, night=None,
+                                         closed_at=time.time())
+        self.store.set_state(fid, "failed", reason)
+        self.log.warning("frame failed", frame=str(path), stage="intake", reason=reason,
+                         error=message)
+
+    def classify(self, fid: int) -> None:
+        """Find the frame's log line and queue it, or say why it waits."""
+        frame = self.store.frame(fid)
+        if frame is None:
+            return
+        if frame["frame_number"] is None:
+            self.store.set_state(fid, "failed", "no_frame_number")
+            return
+        if frame["band"] is None:
+            self.store.set_state(fid, "failed", "no_band")
+            return
+        entry, why = self.entry_for(frame)
+        if entry is None:
+            if frame["state"] != "waiting_log" or frame["reason"] != why:
+                self.store.set_state(fid, "waiting_log", why)
+                self.log.info("frame waits for the log", frame=frame["path"],
+                              stage="obslog", reason="no_log_entry", detail=why)
+            return
+        self.store.set_state(fid, "queued", None, kind=entry.kind, target=entry.name,
+                             log_source=entry.source, log_line=entry.line_no,
+                             log_fingerprint=entry.fingerprint())
+        if fid not in self.queue:
+            self.queue.append(fid)
+
+    # ------------------------------------------------------------------ masters
+    def choose_masters(self, night: str, band: str) -> Masters:
+        """The night's newest masters, else an earlier night's (flagged provisional)."""
+        age = self.cfg.calibration.max_master_age_days
+        chosen: dict[str, dict | None] = {}
+        provisional = False
+        for kind in ("bias", "flat", "dark"):
+            row = self.store.latest_calibration(night, band, kind)
+            if row is None:
+                row = self.store.calibration_before(night, band, kind, age)
+                if row is not None or kind != "dark":
+                    provisional = True
+            chosen[kind] = row
+        parts = [f"{k} {r['night']} v{r['version']}" for k, r in chosen.items() if r]
+        return Masters(
+            bias=chosen["bias"]["path"] if chosen["bias"] else None,
+            flat=chosen["flat"]["path"] if chosen["flat"] else None,
+            dark=chosen["dark"]["path"] if chosen["dark"] else None,
+            version=", ".join(parts) if parts else "uncalibrated",
+            provisional=provisional)
+
+    def _calibration_busy(self, night: str, band: str) -> bool:
+        if any(k[0] == night and k[1] == band for k in self.dirty_masters):
+            return True
+        for kind, payload in self.inflight.values():
+            if kind in ("calibration", "master") and payload[0] == night and payload[1] == band:
+                return True
+        for fid in self.queue:
+            f = self.store.frame(fid)
+            if f and f["night"] == night and f["band"] == band and f["kind"] in (
+                    "bias", "flat", "dark"):
+                return True
+        return False
+
+    def _submit_masters(self) -> None:
+        busy = {(p[0], p[1], p[2]) for k, p in self.inflight.values() if k == "master"}
+        for key in sorted(self.dirty_masters):
+            night, band, kind = key
+            if key in busy or (kind != "bias" and (night, band, "bias") in self.dirty_masters):
+                continue
+            if kind != "bias" and (night, band, "bias") in busy:
+                continue
+            frames = [f for f in self.store.frames(night=night, band=band)
+                      if f["kind"] == kind and f["state"] in ("calibration", "rejected")
+                      and f["output"]]
+            frames.sort(key=lambda f: f["frame_number"])
+            bias = self.store.latest_calibration(night, band, "bias")
+            if kind != "bias" and bias is None:
+                continue  # flats and darks need this night's bias first
+            prev = self.store.latest_calibration(night, band, kind)
+            version = (prev["version"] + 1) if prev else 1
+            out = self.work / "masters" / night / band / f"{kind}_v{version:03d}.fits"
+            bias_frames = [f["output"] for f in self.store.frames(
+                states=["calibration"], night=night, band=band) if f["kind"] == "bias"]
+            fut = self.pool.submit(build_master_task, kind, [f["output"] for f in frames],
+                                   self.cfg, band, night, version, str(out),
+                                   bias["path"] if bias and kind != "bias" else None,
+                                   sorted(bias_frames))
+            self.inflight[fut] = ("master", (night, band, kind, version,
+                                             {f["output"]: f["id"] for f in frames}))
+            self.dirty_masters.discard(key)
+
+    # ------------------------------------------------------------------ dispatch
+    def dispatch(self) -> None:
+        """Hand queued frames to the pool, respecting order and calibration."""
+        self._submit_masters()
+        limit = max(2 * self._workers(), 2)
+        busy_series = {p[2] for k, p in self.inflight.values() if k == "science"}
+        keep: deque[int] = deque()
+        while self.queue:
+            fid = self.queue.popleft()
+            if len(self.inflight) >= limit or self.paused:
+                keep.append(fid)
+                continue
+            frame = self.store.frame(fid)
+            if frame is None or frame["state"] not in ("queued",):
+                continue
+            entry, _ = self.entry_for(frame)
+            if entry is None:
+                self.classify(fid)
+                continue
+            out = str(self.output_path(frame))
+            if entry.is_calibration:
+                task = FrameTask(fid, frame["path"], out, frame["band"], frame["frame_number"],
+                                 frame["night"], entry, self.cfg)
+                fut = self.pool.submit(pipeline.process_calibration, task)
+                self.inflight[fut] = ("calibration", (frame["night"], frame["band"], fid,
+                                                      entry.kind))
+            else:
+                series = (frame["night"], frame["band"], entry.name)
+                if series in busy_series or self._calibration_busy(frame["night"],
+                                                                   frame["band"]):
+                    keep.append(fid)  # keep time order; wait for the newest masters
+                    continue
+                task = self._science_task(fid, frame, entry, out)
+                fut = self.pool.submit(pipeline.process_science, task)
+                self.inflight[fut] = ("science", (frame["night"], frame["band"], series, fid))
+                busy_series.add(series)
+            self.store.set_state(fid, "processing")
+        self.queue = keep
+
+    def _workers(self) -> int:
+        return self.cfg.daemon.workers or os.cpu_count() or 1
+
+    def _science_task(self, fid: int, frame: dict, entry: LogEntry, out: str) -> FrameTask:
+        masters = self.choose_masters(frame["night"], frame["band"])
+        det = self.store.detector_params(frame["night"], frame["band"])
+        return FrameTask(
+            fid, frame["path"], out, frame["band"], frame["frame_number"], frame["night"],
+            entry, self.cfg, masters=masters,
+            gain_e_per_adu=det["gain_e_per_adu"] if det else None,
+            rdnoise_e=det["rdnoise_e"] if det else None,
+            catalog_path=self.cfg.paths.catalog)
+
+    # ------------------------------------------------------------------ results
+    def collect(self, timeout_s: float) -> None:
+        """Record every finished task (waits up to ``timeout_s`` for the first)."""
+        if not self.inflight:
+            return
+        done, _ = cf.wait(list(self.inflight), timeout=timeout_s,
+                          return_when=cf.FIRST_COMPLETED)
+        for fut in done:
+            kind, payload = self.inflight.pop(fut)
+            self.last_activity = time.monotonic()
+            try:
+                result = fut.result()
+            except Exception as exc:  # a worker died (OOM, segfault): fail that frame only
+                self._worker_crash(kind, payload, exc)
+                continue
+            if kind == "calibration":
+                self._calibration_done(payload, result)
+            elif kind == "master":
+                self._master_done(payload, result)
+            elif kind == "science":
+                self._science_done(payload, result)
+
+    def _worker_crash(self, kind: str, payload: Any, exc: Exception) -> None:
+        self.log.error("worker crashed", stage=kind, reason=type(exc).__name__, error=str(exc))
+        if kind in ("calibration", "science"):
+            fid = payload[2] if kind == "calibration" else payload[3]
+            self.store.set_state(fid, "failed", f"worker_crash: {type(exc).__name__}")
+
+    def _calibration_done(self, payload: tuple, result: FrameResult) -> None:
+        night, band, fid, cal_kind = payload
+        frame = self.store.frame(fid)
+        if result.state != "calibration":
+            self.store.set_state(fid, result.state, result.reason, timings=result.timings)
+            self.log.warning("calibration frame failed", frame=frame["path"], band=band,
+                             stage="headers", reason=result.reason, error=result.message)
+            return
+        self.store.set_state(fid, "calibration", None, output=result.output,
+                             timings=result.timings)
+        self.log.info("calibration frame", frame=frame["path"], band=band, stage="headers",
+                      kind=cal_kind, elapsed_s=round(sum(result.timings.values()), 4))
+        self.dirty_masters.add((night, band, cal_kind))
+
+    def _master_done(self, payload: tuple, result: dict) -> None:
+        night, band, kind, version, id_by_output = payload
+        if result.get("error"):
+            self.log.warning("master not built", stage="master", band=band, kind=kind,
+                             reason=result["reason"], error=result["error"])
+            return
+        with self.store.transaction():
+            self.store.record_calibration(night, band, kind, path=result["path"],
+                                          inputs=result["inputs"])
+            for out, (reason, message) in result["rejected"].items():
+                self.store.set_state(id_by_output[out], "rejected", f"{reason}: {message}")
+            for out in result["inputs"]:
+                f = self.store.frame(id_by_output[out])
+                if f and f["state"] == "rejected":
+                    self.store.set_state(id_by_output[out], "calibration", None)
+            if result.get("gain"):
+                self.store.set_detector_params(night, band, gain_e_per_adu=result["gain"],
+                                               rdnoise_e=result["rdnoise"],
+                                               inputs=result["gain_inputs"])
+        self.log.info("master built", stage="master", band=band, kind=kind, version=version,
+                      n_inputs=len(result["inputs"]), n_rejected=len(result["rejected"]),
+                      elapsed_s=result["elapsed_s"])
+        self._requeue_stale(night, band)
+
+    def _requeue_stale(self, night: str, band: str) -> None:
+        """Frames measured with older or provisional masters are measured again."""
+        if self._calibration_busy(night, band):
+            return
+        current = self.choose_masters(night, band).version
+        for f in self.store.frames(states=["done", "badfit"], night=night, band=band):
+            if f["calib_version"] != current and f["id"] not in self.queue:
+                self.log.info("re-measuring with final masters", frame=f["path"], band=band,
+                              stage="calibrate", old=f["calib_version"], new=current)
+                self.store.set_state(f["id"], "queued", None)
+                self.queue.append(f["id"])
+
+    def _science_done(self, payload: tuple, result: FrameResult) -> None:
+        night, band, series, fid = payload
+        frame = self.store.frame(fid)
+        masters = self.choose_masters(night, band)
+        fields = {"timings": result.timings, "output": result.output,
+                  "calib_version": masters.version}
+        if result.state == "done":
+            target = series[2]
+            rows = [dict(m, calib_version=masters.version) for m in result.measurements]
+            with self.store.transaction():
+                self.store.finish_frame(fid, measurements=_known(rows, self.store),
+                                        zeropoint=result.zeropoint, solution=result.solution,
+                                        state="done", **fields)
+                self._derive_lightcurve(target, band)
+            self.log.info("frame done", frame=frame["path"], band=band, stage="store",
+                          elapsed_s=round(sum(result.timings.values()), 4),
+                          n_stars=len(rows), latency_s=round(time.time() - frame["closed_at"], 3))
+        elif result.state == "badfit":
+            self.store.finish_frame(fid, measurements=(), state="badfit",
+                                    reason=result.reason, **fields)
+            self.log.warning("frame rejected", frame=frame["path"], band=band, stage="solve",
+                             reason=result.reason, error=result.message)
+        else:
+            self.store.set_state(fid, result.state, result.reason, **fields)
+            level = "error" if result.state == "failed" else "info"
+            getattr(self.log, level)("frame not finished", frame=frame["path"], band=band,
+                                     stage="pipeline", state=result.state,
+                                     reason=result.reason, error=result.message)
+
+    def _derive_lightcurve(self, target: str, band: str) -> None:
+        try:
+            from daemon.lightcurve import derive_lightcurve_rows
+        except ImportError:
+            return
+        measurements = self.store.measurements_for(target=target, band=band)
+        rows, version = derive_lightcurve_rows(measurements, target=target, band=band,
+                                               cfg=self.cfg)
+        self.store.replace_lightcurve(target, band, rows, version)
+
+    # ------------------------------------------------------------------ loop helpers
+    def rescan(self) -> None:
+        """Walk the watched folders: catch anything an event missed."""
+        for path in scan(self.roots):
+            if is_frame_name(path):
+                self.intake_frame(path)
+        for path in list(self.incomplete):
+            self.intake_frame(path)
+        changed = False
+        for root in self.roots:
+            for folder in [root, *[p for p in root.rglob("*") if p.is_dir()]]:
+                before = len(self.logs), sum(m for m, _ in self.logs.values())
+                self._log_for_folder(folder)
+                changed |= before != (len(self.logs), sum(m for m, _ in self.logs.values()))
+        if changed:
+            self.log_changed()
+        for f in self.store.frames(states=["waiting_catalog", "arrived"]):
+            self.classify(f["id"])
+
+    def resume(self) -> None:
+        """Start-up: every frame the store has not finished is taken up again."""
+        for f in self.store.unfinished():
+            if f["state"] in ("processing", "queued", "arrived", "waiting_log",
+                              "waiting_catalog"):
+                self.classify(f["id"])
+        for night, band, kind in {(f["night"], f["band"], f["kind"])
+                                  for f in self.store.frames(states=["calibration"])}:
+            latest = self.store.latest_calibration(night, band, kind)
+            inputs = set(json.loads(latest["inputs"]) if latest and isinstance(
+                latest["inputs"], str) else (latest["inputs"] if latest else []))
+            outs = {f["output"] for f in self.store.frames(states=["calibration"], night=night,
+                                                           band=band) if f["kind"] == kind}
+            if outs - inputs:
+                self.dirty_masters.add((night, band, kind))
+
+    def idle(self) -> bool:
+        """Nothing queued, running, half-written or waiting to be rebuilt."""
+        return not (self.queue or self.inflight or self.incomplete or self.dirty_masters)
+
+    def check_disk(self) -> None:
+        """Pause intake when the work disk is nearly full; resume when there is room."""
+        self.work.mkdir(parents=True, exist_ok=True)
+        free_mb = shutil.disk_usage(self.work).free / 1e6
+        low = free_mb < self.cfg.daemon.min_free_disk_mb
+        if low and not self.paused:
+            self.log.error("WORK DISK NEARLY FULL: intake paused", stage="disk",
+                           reason="disk_full", free_mb=round(free_mb, 1))
+        elif not low and self.paused:
+            self.log.warning("work disk has room again: intake resumed", stage="disk",
+                             free_mb=round(free_mb, 1))
+            self.rescan()
+        self.paused = low
+
+    def housekeeping(self) -> None:
+        """Backup of the store (SQLite online backup) and an integrity check."""
+        dest = self.work / "backup" / f"{STORE_NAME}.bak"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        self.store.backup(dest)
+        check = self.store.integrity_check()
+        self.log.info("housekeeping", stage="housekeeping", integrity=check, backup=str(dest))
+
+
+def _known(rows: list[dict], store: Store) -> list[dict]:
+    cols = set(store.columns("measurements"))
+    return [{k: v for k, v in r.items() if k in cols} for r in rows]
+
+
+def build_master_task(kind: str, paths: list[str], cfg: Config, band: str, night: str,
+                      version: int, out: str, bias_path: str | None,
+                      bias_frames: list[str]) -> dict:
+    """Worker side of a master rebuild: combine, write, and measure gain/read noise."""
+    from daemon import calibration
+
+    t0 = time.perf_counter()
+    try:
+        bias = calibration.read_master(bias_path)[0] if bias_path else None
+        exptimes = None
+        if kind == "dark":
+            exptimes = [float(fits.getheader(p).get("EXPTIME", 0.0)) for p in paths]
+        res = calibration.build_master(kind, paths, cfg=cfg.calibration, cam=cfg.camera(band),
+                                       master_bias=bias, exptimes_s=exptimes)
+        if kind == "dark" and not calibration.dark_is_significant(
+                res.data, gain_e_per_adu=1.6, cam=cfg.camera(band)):
+            # The paper: dark current below 0.1 e-/px/s is negligible; no dark master.
+            return {"error": "dark current negligible; darks not applied",
+                    "reason": "dark_negligible"}
+        written = calibration.write_master(out, res.data, kind=kind, band=band, night=night,
+                                           version=version, inputs=res.inputs)
+        out_d: dict[str, Any] = {
+            "path": str(written), "inputs": list(res.inputs),
+            "rejected": {p: (r.reason, r.message) for p, r in res.rejected.items()},
+            "elapsed_s": round(time.perf_counter() - t0, 3)}
+        if kind == "flat" and len(bias_frames) >= 2 and len(res.inputs) >= 2:
+            out_d.update(_gain_readnoise(bias_frames, list(res.inputs)))
+        return out_d
+    except Exception as exc:  # the master keeps its previous version
+        return {"error": str(exc), "reason": getattr(exc, "reason", type(exc).__name__)}
+
+
+def _gain_readnoise(bias_frames: list[str], flat_frames: list[str]) -> dict:
+    """Photon transfer from pairs of the night's biases and flats (paper 4.2)."""
+    from daemon import calibration
+
+    n = min(len(bias_frames), len(flat_frames), 6) // 2 * 2
+    biases = [calibration.read_frame(p)[0] for p in bias_frames[:n]]
+    flats = [calibration.read_frame(p)[0] for p in flat_frames[:n]]
+    g = calibration.gain_readnoise_pairs(biases, flats)
+    return {"gain": float(g.gain_e_per_adu), "rdnoise": float(g.read_noise_e),
+            "gain_inputs": bias_frames[:n] + flat_frames[:n]}
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run_daemon(cfg: Config, until_idle_s: float | None = None) -> int:
+    """``photd run``: watch, process, record; returns the exit status."""
+    configure(cfg.daemon.log_level, cfg.daemon.log_format)
+    log = get_logger()
+    work = cfg.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    lock = open(work / "photd.lock", "w")  # noqa: SIM115 (held for the process lifetime)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        log.error("another photd is running on this work folder", stage="start",
+                  reason="locked", work=str(work))
+        return 1
+    roots = [Path(w).resolve() for w in cfg.paths.watch]
+    for r in roots:
+        if not r.is_dir():
+            log.error("watched folder does not exist", stage="start", reason="no_folder",
+                      folder=str(r))
+            return 2
+    store = Store.open(store_path(work))
+    flags = _Flags()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        flags.stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    workers = cfg.daemon.workers or os.cpu_count() or 1
+    pool = cf.ProcessPoolExecutor(max_workers=workers)
+    engine = Engine(cfg, store, pool, log, roots=roots)
+    watcher = FolderWatcher(roots, polling=cfg.daemon.observer == "polling",
+                            poll_interval_s=cfg.daemon.poll_interval_s)
+    watcher.start()  # before the first scan, so nothing written meanwhile is missed
+    sched = BackgroundScheduler(daemon=True)
+    sched.add_job(lambda: setattr(flags, "rescan", True), "interval",
+                  seconds=cfg.daemon.rescan_interval_s)
+    sched.add_job(lambda: setattr(flags, "disk_check", True), "interval", seconds=15)
+    sched.add_job(lambda: setattr(flags, "housekeeping", True), "interval", hours=1)
+    sched.start()
+    log.info("photd started", stage="start", watch=[str(r) for r in roots], work=str(work),
+             workers=workers)
+    engine.check_disk()
+    engine.resume()
+    engine.rescan()
+    flags.rescan = False
+    sd_notify("READY=1")
+    idle_since: float | None = None
+    last_status = 0.0
+    try:
+        while not flags.stop:
+            for path in watcher.drain(timeout_s=0.05 if engine.inflight else 0.2):
+                engine.handle_path(path)
+            if flags.disk_check:
+                flags.disk_check = False
+                engine.check_disk()
+            if flags.rescan:
+                flags.rescan = False
+                engine.rescan()
+            elif engine.incomplete:
+                for path in list(engine.incomplete):
+                    engine.intake_frame(path)
+            if flags.housekeeping:
+                flags.housekeeping = False
+                engine.housekeeping()
+            engine.dispatch()
+            engine.collect(timeout_s=0.05)
+            now = time.monotonic()
+            if now - last_status > 5:
+                last_status = now
+                counts = store.counts()
+                sd_notify("WATCHDOG=1\nSTATUS=" + ", ".join(f"{k} {v}" for k, v in
+                                                            sorted(counts.items())))
+            if until_idle_s is not None:
+                if engine.idle():
+                    idle_since = idle_since or now
+                    if now - idle_since >= until_idle_s:
+                        break
+                else:
+                    idle_since = None
+    finally:
+        sd_notify("STOPPING=1")
+        # Finish the frames in hand (their results are recorded), start nothing new.
+        engine.queue.clear()
+        while engine.inflight:
+            engine.collect(timeout_s=1.0)
+        sched.shutdown(wait=False)
+        watcher.stop()
+        pool.shutdown(wait=True)
+        counts = store.counts()
+        log.info("photd stopped", stage="stop", counts=counts)
+        store.close()
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
+    return 0
+
+
+def output_slug(target: str) -> str:
+    """Safe file-name stem for a target (logs are hand-written)."""
+    return slug(target)

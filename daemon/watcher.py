@@ -1,0 +1,207 @@
+"""Watching camera folders: filesystem events, rescans and the completeness test.
+
+A camera on a network share writes a frame in pieces under its final name, so
+an event alone does not mean a frame is ready: :func:`check_complete` reads
+the header and compares the file size with the size the header implies
+(header blocks + data, padded to 2880 bytes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.polling import PollingObserver
+
+BLOCK = 2880
+FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.fz")
+
+
+@dataclass(frozen=True)
+class Completeness:
+    """Result of :func:`check_complete`.
+
+    ``complete`` is true when the file holds its whole header and data;
+    ``reason`` is ``None`` then, else ``empty``, ``partial_header``,
+    ``truncated`` (shorter than its header implies), ``not_fits`` or
+    ``unreadable``. ``expected_size`` is in bytes when known.
+    """
+
+    complete: bool
+    reason: str | None
+    size: int
+    expected_size: int | None = None
+    message: str = ""
+
+
+def is_frame_name(path: str | Path) -> bool:
+    """True if the file name looks like a FITS frame (ignores temporary names)."""
+    name = Path(path).name.lower()
+    if name.startswith(".") or name.endswith((".part", ".tmp", "~")):
+        return False
+    return name.endswith(FITS_SUFFIXES)
+
+
+def _header_cards(fh) -> tuple[dict[str, str], int] | None:
+    """Parse raw 80-character cards up to END; returns (cards, header bytes) or None."""
+    cards: dict[str, str] = {}
+    nbytes = 0
+    while True:
+        block = fh.read(BLOCK)
+        if len(block) < BLOCK:
+            return None
+        nbytes += BLOCK
+        for k in range(0, BLOCK, 80):
+            card = block[k:k + 80].decode("ascii", errors="replace")
+            key = card[:8].strip()
+            if key == "END":
+                return cards, nbytes
+            if card[8:10] == "= ":
+                cards[key] = card[10:].split("/")[0].strip()
+        if nbytes > 200 * BLOCK:  # no END in 576 kB: not a camera header
+            return None
+
+
+def _hdu_data_bytes(cards: dict[str, str]) -> int:
+    bitpix = abs(int(cards.get("BITPIX", "8")))
+    naxis = int(cards.get("NAXIS", "0"))
+    if naxis == 0:
+        return 0
+    n = 1
+    for k in range(1, naxis + 1):
+        n *= int(cards.get(f"NAXIS{k}", "0"))
+    pcount = int(cards.get("PCOUNT", "0") or 0)
+    gcount = int(cards.get("GCOUNT", "1") or 1)
+    nbytes = bitpix // 8 * gcount * (pcount + n)
+    return -(-nbytes // BLOCK) * BLOCK
+
+
+def check_complete(path: str | Path) -> Completeness:
+    """Is this FITS file completely written?
+
+    Walks every HDU's header and adds up the sizes the headers imply, so a
+    file still being written (or cut short) is recognised without reading
+    its data.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            return Completeness(False, "empty", 0, message="file is empty")
+        with open(path, "rb") as fh:
+            first = fh.read(30)
+            if not first.startswith(b"SIMPLE  =") and size >= 30:
+                return Completeness(False, "not_fits", size,
+                                    message="does not start with a FITS SIMPLE card")
+            fh.seek(0)
+            expected = 0
+            while True:
+                parsed = _header_cards(fh)
+                if parsed is None:
+                    if expected == 0:
+                        return Completeness(False, "partial_header", size,
+                                            message="header incomplete (no END card yet)")
+                    break  # no further extension: the primary HDU(s) are the file
+                cards, hbytes = parsed
+                try:
+                    expected += hbytes + _hdu_data_bytes(cards)
+                except ValueError:
+                    return Completeness(False, "not_fits", size,
+                                        message="NAXIS/BITPIX cards are not integers")
+                if expected >= size:
+                    break
+                fh.seek(expected)
+    except OSError as exc:
+        return Completeness(False, "unreadable", 0, message=f"cannot read: {exc.strerror}")
+    if size < expected:
+        return Completeness(False, "truncated", size, expected,
+                            f"{size} bytes of {expected} the header implies")
+    return Completeness(True, None, size, expected)
+
+
+def sha256_of(path: str | Path) -> str:
+    """SHA-256 of a file's content (hex)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def scan(folders: Iterable[str | Path]) -> Iterator[Path]:
+    """Every file below the watched folders (frames and candidate logs), sorted."""
+    for folder in folders:
+        root = Path(folder)
+        if not root.is_dir():
+            continue
+        found = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            found += [Path(dirpath) / f for f in filenames if not f.startswith(".")]
+        yield from sorted(found)
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, events: queue.Queue[Path]) -> None:
+        self.events = events
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.is_directory:
+            return
+        # close-write is the moment a camera finished; created/modified catch
+        # writers and observers (polling) that never report a close; moved
+        # catches files renamed into place.
+        if event.event_type in ("closed", "created", "modified"):
+            self.events.put(Path(os.fsdecode(event.src_path)))
+        elif event.event_type == "moved":
+            self.events.put(Path(os.fsdecode(event.dest_path)))
+
+
+class FolderWatcher:
+    """watchdog observers on every watched folder, feeding one queue of paths.
+
+    Parameters
+    ----------
+    folders : iterable of path
+        Folders to watch recursively (new night folders appear inside them).
+    polling : bool
+        Use a polling observer (network shares where inotify does not fire).
+    poll_interval_s : float
+        Polling period in seconds.
+    """
+
+    def __init__(self, folders: Iterable[str | Path], *, polling: bool = False,
+                 poll_interval_s: float = 2.0) -> None:
+        self.events: queue.Queue[Path] = queue.Queue()
+        self.observer = (PollingObserver(timeout=poll_interval_s) if polling else Observer())
+        handler = _Handler(self.events)
+        for folder in folders:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            self.observer.schedule(handler, str(folder), recursive=True)
+
+    def start(self) -> None:
+        """Start the observer threads."""
+        self.observer.start()
+
+    def stop(self) -> None:
+        """Stop and join the observer threads."""
+        self.observer.stop()
+        self.observer.join(timeout=5)
+
+    def drain(self, timeout_s: float = 0.0) -> list[Path]:
+        """Paths reported since the last call (unique, in order of first report)."""
+        out: dict[Path, None] = {}
+        try:
+            out[self.events.get(timeout=timeout_s) if timeout_s else
+                self.events.get_nowait()] = None
+            while True:
+                out[self.events.get_nowait()] = None
+        except queue.Empty:
+            pass
+        return list(out)
