@@ -168,7 +168,7 @@ class PhotometryConfig:
     sky_clip_sigma: float = 3.0
     sky_err_floor_e_per_px: float = 0.0  # systematic floor on the local-sky error
     cosmic_sigma: float = 5.0  # a cosmic-ray pixel stands this many sigma above its neighbours
-    cosmic_contrast: float = 2.0  # ... and this many times sharper than a star's core allows
+    cosmic_contrast: float = 2.0  # ... and is this many times sharper than the stars' peaks
     # Light curves: comparison ensemble and zero point.
     comparison_max_err_mag: float = 0.02
     comparison_max_chi2: float = 4.0  # reduced chi^2 above which a comparison "varies"

@@ -191,6 +191,10 @@ class Engine:
         comp = check_complete(path)
         now = time.time()
         if not comp.complete:
+            known = self.store.frame_by_path(str(path))
+            if known and known["state"] == "failed" and known["size"] == comp.size:
+                self.incomplete.pop(path, None)
+                return  # already reported; it will be looked at again if it changes
             if comp.reason in ("not_fits", "unreadable") and path.exists():
                 self._record_failure(path, comp.reason, f"{path.name}: {comp.message}")
                 return

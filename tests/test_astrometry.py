@@ -1,0 +1,182 @@
+"""Astrometry against the simulator's truth (small frames, one simulated night)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.table import Table, vstack
+from astropy.wcs import WCS
+
+from daemon.astrometry import BadFit, detect_sources, relative_solution, solve
+from daemon.config import AstrometryConfig
+from daemon.simulate import SimOptions, load_truth, simulate_night
+
+CFG = AstrometryConfig()
+CONFIG_SCALE_ARCSEC = 0.107  # unbinned, as in DetectorConfig
+
+
+@pytest.fixture(scope="module")
+def night(tmp_path_factory):
+    out = tmp_path_factory.mktemp("night")
+    simulate_night(out, SimOptions(seed=11, small=True, science_per_target=6))
+    truth = load_truth(out)
+    catalog = Table.read(out / "catalog.ecsv")
+    return out, truth, catalog
+
+
+def _frame(out, truth, band: str, number: int) -> np.ndarray:
+    raw = fits.getdata(out / "raw" / truth.frame(band, number)["path"]).astype(np.float32)
+    return raw - truth.pattern("bias", band)
+
+
+def _guess(truth, frame: dict, shape, *, offset_arcmin=(0.0, 0.0), rotation_deg=0.0,
+           scale_factor=1.0) -> WCS:
+    """What the header gives: the log's target position, the configured scale, no rotation."""
+    target = next(t for t in truth.night["targets"] if t["name"] == frame["target"])
+    dec0 = target["dec_deg"] + offset_arcmin[1] / 60
+    ra0 = target["ra_deg"] + offset_arcmin[0] / 60 / math.cos(math.radians(dec0))
+    s = CONFIG_SCALE_ARCSEC * truth.night["binning"] * scale_factor / 3600
+    th = math.radians(rotation_deg)
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = [ra0, dec0]
+    w.wcs.crpix = [(shape[1] + 1) / 2, (shape[0] + 1) / 2]
+    w.wcs.cd = [[-s * math.cos(th), s * math.sin(th)], [s * math.sin(th), s * math.cos(th)]]
+    return w
+
+
+def _wcs_error_px(fitted: WCS, true: WCS, shape) -> float:
+    """RMS over a grid of the frame of the pixel distance true -> sky -> fitted."""
+    yy, xx = np.mgrid[0:shape[0]:15j, 0:shape[1]:15j]
+    sky = true.pixel_to_world(xx.ravel(), yy.ravel())
+    x, y = fitted.world_to_pixel(sky)
+    return float(np.sqrt(np.mean((x - xx.ravel()) ** 2 + (y - yy.ravel()) ** 2)))
+
+
+def _good_frames(truth, band):
+    return [f for f in truth.frames("object", band) if not f["defect"]]
+
+
+@pytest.mark.parametrize("band", ["g", "r", "i"])
+def test_good_frames_solve_within_a_fifth_of_a_pixel(night, band):
+    out, truth, catalog = night
+    for f in _good_frames(truth, band)[::3]:
+        data = _frame(out, truth, band, f["number"])
+        sources, _rms, fwhm = detect_sources(data, detect_sigma=CFG.detect_sigma)
+        sol = solve(sources, catalog, guess=_guess(truth, f, data.shape), shape=data.shape,
+                    cfg=CFG, fwhm_px=fwhm)
+        err = _wcs_error_px(sol.wcs, truth.wcs(band, f["number"]), data.shape)
+        assert err < 0.2, f"{band} frame {f['number']}: WCS off by {err:.3f} px RMS"
+        assert sol.n_matches >= CFG.min_matches
+        assert not sol.relative
+        assert sol.scale_arcsec == pytest.approx(
+            truth.camera(band)["pixel_scale_arcsec"] * truth.night["binning"], rel=2e-3)
+
+
+def test_detection_measures_the_true_fwhm(night):
+    out, truth, _ = night
+    f = _good_frames(truth, "r")[0]
+    _sources, _rms, fwhm = detect_sources(_frame(out, truth, "r", f["number"]), detect_sigma=5)
+    assert fwhm == pytest.approx(f["fwhm_px"], rel=0.2)
+
+
+def test_detected_centroids_match_true_star_positions(night):
+    out, truth, _ = night
+    f = _good_frames(truth, "i")[1]
+    sources, _rms, fwhm = detect_sources(_frame(out, truth, "i", f["number"]), detect_sigma=5)
+    stars = truth.frame_stars[(truth.frame_stars["band"] == "i")
+                              & (truth.frame_stars["frame"] == f["number"])]
+    bright = sources[~sources["sharp"]][:10]
+    d = np.hypot(bright["x"][:, None] - stars["x"][None, :],
+                 bright["y"][:, None] - stars["y"][None, :]).min(axis=1)
+    assert np.median(d) < 0.1 * fwhm
+
+
+@pytest.mark.parametrize("band", ["g", "r", "i"])
+def test_designed_double_exposure_is_rejected(night, band):
+    out, truth, catalog = night
+    f = next(f for f in truth.frames("object", band) if f["defect"] == "double")
+    data = _frame(out, truth, band, f["number"])
+    sources, _rms, fwhm = detect_sources(data, detect_sigma=CFG.detect_sigma)
+    with pytest.raises(BadFit) as err:
+        solve(sources, catalog, guess=_guess(truth, f, data.shape), shape=data.shape, cfg=CFG,
+              fwhm_px=fwhm)
+    assert err.value.reason == "double_exposure"
+
+
+@pytest.mark.parametrize("band", ["g", "r", "i"])
+def test_clouded_frame_is_rejected_for_too_few_sources(night, band):
+    out, truth, catalog = night
+    f = next(f for f in truth.frames("object", band) if f["defect"] == "cloud")
+    data = _frame(out, truth, band, f["number"])
+    sources, _rms, fwhm = detect_sources(data, detect_sigma=CFG.detect_sigma)
+    with pytest.raises(BadFit) as err:
+        solve(sources, catalog, guess=_guess(truth, f, data.shape), shape=data.shape, cfg=CFG,
+              fwhm_px=fwhm)
+    assert err.value.reason == "too_few_sources"
+
+
+def test_solves_with_pointing_3_arcmin_off_rotated_3_deg_and_scale_3_percent_off(night):
+    out, truth, catalog = night
+    f = _good_frames(truth, "r")[2]
+    data = _frame(out, truth, "r", f["number"])
+    guess = _guess(truth, f, data.shape, offset_arcmin=(2.1, -2.1), rotation_deg=3.0,
+                   scale_factor=1.03)
+    sources, _rms, fwhm = detect_sources(data, detect_sigma=CFG.detect_sigma)
+    sol = solve(sources, catalog, guess=guess, shape=data.shape, cfg=CFG, fwhm_px=fwhm)
+    assert _wcs_error_px(sol.wcs, truth.wcs("r", f["number"]), data.shape) < 0.2
+    assert sol.offset_arcsec > 120  # it noticed how far the header was off
+
+
+def test_cosmic_rays_and_spurious_sources_do_not_break_the_match(night):
+    out, truth, catalog = night
+    f = _good_frames(truth, "g")[1]
+    data = _frame(out, truth, "g", f["number"])
+    sources, _rms, fwhm = detect_sources(data, detect_sigma=CFG.detect_sigma)
+    rng = np.random.default_rng(5)
+    junk = Table({c: np.repeat(sources[c][-1:], 15) for c in sources.colnames})
+    junk["x"] = rng.uniform(0, data.shape[1], 15)
+    junk["y"] = rng.uniform(0, data.shape[0], 15)
+    mixed = vstack([sources[::2], junk, sources[1::2]])
+    sol = solve(mixed, catalog, guess=_guess(truth, f, data.shape), shape=data.shape, cfg=CFG,
+                fwhm_px=fwhm)
+    assert _wcs_error_px(sol.wcs, truth.wcs("g", f["number"]), data.shape) < 0.2
+
+
+def test_wrong_field_gives_too_few_matches(night):
+    out, truth, catalog = night
+    frames = _good_frames(truth, "r")
+    pks = next(f for f in frames if f["target"] == "PKS0235+164")
+    oj = next(f for f in frames if f["target"] == "OJ287")
+    data = _frame(out, truth, "r", pks["number"])
+    sources, _rms, fwhm = detect_sources(data, detect_sigma=CFG.detect_sigma)
+    # The guess says PKS 0235+164 but the only catalog stars are those around OJ 287,
+    # placed where PKS 0235+164's field is: a field that matches nothing.
+    oj_centre = _guess(truth, oj, data.shape).wcs.crval
+    wrong = catalog[np.hypot(catalog["ra"] - oj_centre[0], catalog["dec"] - oj_centre[1]) < 0.2]
+    pks_centre = _guess(truth, pks, data.shape).wcs.crval
+    wrong["ra"] += pks_centre[0] - oj_centre[0]
+    wrong["dec"] += pks_centre[1] - oj_centre[1]
+    with pytest.raises(BadFit) as err:
+        solve(sources, wrong, guess=_guess(truth, pks, data.shape), shape=data.shape, cfg=CFG,
+              fwhm_px=fwhm)
+    assert err.value.reason == "too_few_matches"
+
+
+def test_relative_solution_registers_to_the_first_solved_frame(night):
+    out, truth, catalog = night
+    frames = [f for f in _good_frames(truth, "i") if f["target"] == "OJ287"]
+    first, later = frames[0], frames[-1]
+    ref_data = _frame(out, truth, "i", first["number"])
+    ref_sources, _rms, ref_fwhm = detect_sources(ref_data, detect_sigma=CFG.detect_sigma)
+    ref = solve(ref_sources, catalog, guess=_guess(truth, first, ref_data.shape),
+                shape=ref_data.shape, cfg=CFG, fwhm_px=ref_fwhm)
+    data = _frame(out, truth, "i", later["number"])
+    sources, _rms, fwhm = detect_sources(data, detect_sigma=CFG.detect_sigma)
+    sol = relative_solution(sources, ref_sources, ref.wcs, shape=data.shape, cfg=CFG,
+                            fwhm_px=fwhm)
+    assert sol.relative
+    assert _wcs_error_px(sol.wcs, truth.wcs("i", later["number"]), data.shape) < 0.2

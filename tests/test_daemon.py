@@ -1,0 +1,239 @@
+"""The daemon as a user runs it: real processes, real files, real SQLite."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from daemon.simulate import SimOptions, load_truth, simulate_night
+from daemon.watcher import check_complete
+
+TINY = SimOptions(seed=5, small=True, science_per_target=4, n_bias=4, n_flat=4, n_dark=0)
+
+
+def _config(tmp: Path, night: Path, **daemon: object) -> Path:
+    settings = {"rescan_interval_s": 2.0, "truncated_timeout_s": 4.0, "log_format": "json",
+                "settle_s": 0.2, **daemon}
+    lines = ["[paths]", f"watch = [{str(night / 'raw')!r}]", f"work = {str(tmp / 'work')!r}",
+             f"catalog = {str(night / 'catalog.ecsv')!r}", "[daemon]"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+    path = tmp / "photd.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _photd(*args: str, **kw) -> subprocess.Popen:
+    """Start ``photd``; its log goes to a file (a full pipe would stall the daemon)."""
+    cfg = Path(args[args.index("--config") + 1])
+    log = open(cfg.parent / "daemon.log", "a")  # noqa: SIM115 - closed by the OS at exit
+    return subprocess.Popen([sys.executable, "-m", "daemon.cli", *args],
+                            stdout=subprocess.DEVNULL, stderr=log, text=True, **kw)
+
+
+def _wait(p: subprocess.Popen, timeout: float) -> str:
+    """Wait for a daemon and return its log."""
+    p.wait(timeout=timeout)
+    cfg = Path(p.args[p.args.index("--config") + 1])
+    return (cfg.parent / "daemon.log").read_text()
+
+
+def _status(cfg: Path) -> dict:
+    out = subprocess.run([sys.executable, "-m", "daemon.cli", "status", "--json", "--config",
+                          str(cfg)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def _expected_state(frame: dict) -> set[str]:
+    if frame["kind"] in ("bias", "flat", "dark"):
+        return {"calibration"}
+    if frame["kind"] == "focus":
+        return {"waiting_log"}
+    if frame["defect"]:
+        return {"badfit"}
+    return {"done"}
+
+
+def _check_final_states(status: dict, truth) -> None:
+    by_path = {}
+    for f in status["frames"]:
+        assert f["path"] not in by_path, f"{f['path']} listed twice"
+        by_path[f["path"]] = f
+    root = truth.root / "raw"
+    for fr in truth.frames():
+        got = by_path[str(root / fr["path"])]
+        assert got["state"] in _expected_state(fr), (fr["path"], got)
+        if got["state"] in ("done", "calibration"):
+            assert got["output"] and Path(got["output"]).exists()
+    assert len(by_path) == len(truth.frames())
+
+
+def _store_rows(work: Path) -> dict:
+    con = sqlite3.connect(work / "photd.sqlite")
+    try:
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        meas = con.execute("SELECT f.path, m.star_id, m.flux_e FROM measurements m "
+                           "JOIN frames f ON f.id = m.frame_id").fetchall()
+        lc = con.execute("SELECT f.path, l.target, l.diff_mag FROM lightcurve l "
+                         "JOIN frames f ON f.id = l.frame_id").fetchall()
+        states = dict(con.execute("SELECT path, state FROM frames").fetchall())
+    finally:
+        con.close()
+    keys = [(p, s) for p, s, _ in meas]
+    assert len(keys) == len(set(keys)), "duplicate measurement rows"
+    return {"measurements": {(p, s): f for p, s, f in meas},
+            "lightcurve": {(p, t): d for p, t, d in lc}, "states": states}
+
+
+def test_check_complete_follows_a_frame_written_in_chunks(tmp_path):
+    data = fits.PrimaryHDU(data=np.zeros((100, 80), "uint16"))
+    whole = tmp_path / "whole.fits"
+    data.writeto(whole)
+    blob = whole.read_bytes()
+    part = tmp_path / "part.fits"
+    for cut, reason in ((0, "empty"), (1000, "partial_header"), (2880 + 100, "truncated"),
+                        (len(blob) - 1, "truncated")):
+        part.write_bytes(blob[:cut])
+        got = check_complete(part)
+        assert not got.complete and got.reason == reason
+    part.write_bytes(blob)
+    assert check_complete(part).complete
+    text = tmp_path / "notes.fits"
+    text.write_text("this is not a FITS file\n" * 10)
+    assert check_complete(text).reason == "not_fits"
+
+
+def test_night_written_live_ends_with_every_frame_in_its_state_once(tmp_path):
+    night = tmp_path / "night"
+    (night / "raw").mkdir(parents=True)
+    cfg = _config(tmp_path, night)
+    daemon = _photd("run", "--config", str(cfg), "--until-idle", "6")
+    try:
+        writer = threading.Thread(target=simulate_night, args=(night, TINY),
+                                  kwargs={"arrival_s": 0.3})
+        writer.start()
+        # a reader polls the store all along, like an observer's `photd status`
+        polls = 0
+        while writer.is_alive():
+            if (tmp_path / "work" / "photd.sqlite").exists():
+                _status(cfg)
+                polls += 1
+            time.sleep(0.5)
+        writer.join()
+        err = _wait(daemon, 600)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+    assert daemon.returncode == 0, err[-3000:]
+    assert polls > 0
+    truth = load_truth(night)
+    _check_final_states(_status(cfg), truth)
+    events = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    done = [e for e in events if e.get("event") == "frame done"]
+    assert done and all({"frame", "band", "stage", "elapsed_s"} <= set(e) for e in done)
+    rows = _store_rows(tmp_path / "work")
+    n_done = sum(1 for s in rows["states"].values() if s == "done")
+    assert n_done == sum(1 for f in truth.frames("object") if not f["defect"])
+    assert len(rows["lightcurve"]) == n_done  # one target row per measured frame
+
+
+def test_frames_that_arrive_before_the_log_wait_then_flow_when_it_appears(tmp_path):
+    night = tmp_path / "night"
+    opts = SimOptions(seed=6, small=True, science_per_target=2, n_bias=3, n_flat=3, n_dark=0)
+    simulate_night(night, opts)
+    log = next((night / "raw").glob("*.log"))
+    text = log.read_bytes()
+    log.unlink()
+    cfg = _config(tmp_path, night)
+    daemon = _photd("run", "--config", str(cfg))
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            time.sleep(1.0)
+            if not (tmp_path / "work" / "photd.sqlite").exists():
+                continue
+            st = _status(cfg)
+            if st["counts"].get("waiting_log", 0) == len(load_truth(night).frames()):
+                break
+        assert st["counts"] == {"waiting_log": len(load_truth(night).frames())}
+        assert all("no observing log" in f["reason"] for f in st["frames"])
+        # the observer copies the log in at the end of the night
+        log.write_bytes(text)
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            time.sleep(1.0)
+            st = _status(cfg)
+            if st["counts"].get("waiting_log", 0) <= 3 and not st["counts"].get("queued") \
+                    and not st["counts"].get("processing"):
+                break
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        err = _wait(daemon, 120)
+    assert daemon.returncode == 0, err[-2000:]
+    _check_final_states(_status(cfg), load_truth(night))
+
+
+def test_truncated_frame_fails_after_the_timeout_and_the_night_goes_on(tmp_path):
+    night = tmp_path / "night"
+    opts = SimOptions(seed=8, small=True, science_per_target=1, n_bias=2, n_flat=2, n_dark=0)
+    simulate_night(night, opts)
+    victim = night / "raw" / "g" / "xl126g_0001.fits"
+    blob = victim.read_bytes()
+    victim.write_bytes(blob[: len(blob) // 2])
+    junk = night / "raw" / "r" / "xl126r_9999.fits"
+    junk.write_text("a text file with a FITS name\n")
+    cfg = _config(tmp_path, night, truncated_timeout_s=2.0)
+    daemon = _photd("run", "--config", str(cfg), "--until-idle", "5")
+    err = _wait(daemon, 300)
+    assert daemon.returncode == 0, err[-2000:]
+    frames = {f["path"]: f for f in _status(cfg)["frames"]}
+    assert frames[str(victim)]["state"] == "failed"
+    assert frames[str(victim)]["reason"] == "truncated"
+    assert frames[str(junk)]["state"] == "failed" and frames[str(junk)]["reason"] == "not_fits"
+    assert victim.read_bytes() == blob[: len(blob) // 2]  # raw frames are never touched
+    assert frames[str(night / "raw" / "g" / "xl126g_0002.fits")]["state"] == "calibration"
+
+
+def test_kill_9_at_random_moments_ends_like_an_undisturbed_run(tmp_path):
+    night = tmp_path / "night"
+    simulate_night(night, TINY)
+    calm = tmp_path / "calm"
+    calm.mkdir()
+    cfg = _config(calm, night)
+    p = _photd("run", "--config", str(cfg), "--until-idle", "4")
+    err = _wait(p, 600)
+    assert p.returncode == 0, err[-2000:]
+    reference = _store_rows(calm / "work")
+
+    rough = tmp_path / "rough"
+    rough.mkdir()
+    cfg2 = _config(rough, night)
+    rng = random.Random(42)
+    for _ in range(5):
+        p = _photd("run", "--config", str(cfg2), start_new_session=True)
+        time.sleep(rng.uniform(1.5, 6.0))
+        os.killpg(p.pid, signal.SIGKILL)  # the daemon and its workers, mid-whatever
+        p.wait(timeout=60)
+    p = _photd("run", "--config", str(cfg2), "--until-idle", "4")
+    err = _wait(p, 600)
+    assert p.returncode == 0, err[-2000:]
+    got = _store_rows(rough / "work")
+    assert got["states"] == reference["states"]
+    assert got["measurements"].keys() == reference["measurements"].keys()
+    for key, flux in reference["measurements"].items():
+        assert got["measurements"][key] == pytest.approx(flux, rel=1e-6, abs=1e-6)
+    assert got["lightcurve"].keys() == reference["lightcurve"].keys()
+    for key, mag in reference["lightcurve"].items():
+        assert got["lightcurve"][key] == pytest.approx(mag, abs=1e-6)
