@@ -94,6 +94,11 @@ class FrameResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
+def _plain(value: Any) -> Any:
+    """numpy scalars to Python numbers (for pickling to the main process and SQLite)."""
+    return value.item() if hasattr(value, "item") else value
+
+
 @contextmanager
 def _step(timings: dict[str, float], name: str) -> Iterator[None]:
     t0 = time.perf_counter()
@@ -268,6 +273,10 @@ def process_science(task: FrameTask) -> FrameResult:
                                   compress=cfg.output.compress)
             result.output = str(out)
         with _step(t, "photometry"):
+            from dataclasses import asdict
+
+            from daemon import lightcurve
+
             gain = task.gain_e_per_adu or 1.0
             rdnoise = task.rdnoise_e or 0.0
             target = task.target_radec or (ra0, dec0)
@@ -276,10 +285,21 @@ def process_science(task: FrameTask) -> FrameResult:
                 target_radec=target, target_name=task.entry.name, fwhm_px=float(fwhm_px),
                 exptime_s=exptime_s, gain_e_per_adu=gain, rdnoise_e=rdnoise, mask=mask,
                 cfg=cfg.photometry)
-            result.measurements = [dict(zip(table.colnames, row, strict=True))
-                                   for row in table.iterrows()]
-            result.summary = dict(summary) if not isinstance(summary, dict) else summary
-            result.summary.update(binning=binning, bg_rms=float(bg_rms))
+            zp = lightcurve.zero_point(table, stars, task.band)
+            table = lightcurve.calibrate(table, zp, stars, task.band)
+            mjd_mid, bjd_tdb = lightcurve.times(header["DATE-OBS"], exptime_s, target[0],
+                                                target[1], cfg.site)
+            airmass = header.get("AIRMASS")
+            result.zeropoint = {"zp": zp.zp, "zp_err": zp.zp_err, "n_stars": zp.n_stars,
+                                "scatter": zp.scatter, "colour_term": zp.colour_term}
+            result.measurements = [
+                {**{k: _plain(row[k]) for k in table.colnames}, "target": task.entry.name,
+                 "band": task.band, "mjd_mid": mjd_mid, "bjd_tdb": bjd_tdb,
+                 "fwhm_px": float(fwhm_px), "airmass": airmass}
+                for row in table]
+            result.summary = asdict(summary)
+            result.summary.update(binning=binning, bg_rms=float(bg_rms),
+                                  scale_arcsec=sol.scale_arcsec)
     except FrameRejected as exc:
         result.state, result.reason, result.message = exc.state, exc.reason, str(exc)
     except Exception as exc:  # a bug or an unexpected file must stop this frame only

@@ -496,14 +496,50 @@ class Engine:
                                      reason=result.reason, error=result.message)
 
     def _derive_lightcurve(self, target: str, band: str) -> None:
-        try:
-            from daemon.lightcurve import derive_lightcurve_rows
-        except ImportError:
+        """Re-derive the target's whole differential curve from the stored measurements.
+
+        Revising the comparison ensemble as the night goes on re-derives every
+        earlier point with it, so the curve never mixes ensembles.
+        """
+        from astropy.table import Table
+
+        from daemon.lightcurve import derive_lightcurve
+
+        rows = [r for r in self.store.measurements_for(target=target, band=band)]
+        frames = {f["id"]: f for f in self.store.frames(states=["done", "processing"],
+                                                         band=band) if f["target"] == target}
+        rows = [r for r in rows if r["frame_id"] in frames]
+        if not rows or not self.cfg.paths.catalog:
             return
-        measurements = self.store.measurements_for(target=target, band=band)
-        rows, version = derive_lightcurve_rows(measurements, target=target, band=band,
-                                               cfg=self.cfg)
-        self.store.replace_lightcurve(target, band, rows, version)
+        scale = {}
+        for fid in frames:
+            sol = self.store.solution(fid)
+            scale[fid] = sol["scale_arcsec"] if sol else float("nan")
+        table = Table(rows=[{
+            "frame": r["frame_id"], "star_id": r["star_id"], "x_px": r["x_px"],
+            "y_px": r["y_px"], "mag_inst": _nan(r["mag_inst"]),
+            "mag_inst_err": _nan(r["mag_inst_err"]), "flags": r["flags"] or 0,
+            "aperture_px": _nan(r["aperture_px"]), "mjd": _nan(r["mjd_mid"]),
+            "bjd_tdb": _nan(r["bjd_tdb"]), "airmass": _nan(r["airmass"]),
+            "fwhm_arcsec": _nan(r["fwhm_px"]) * scale.get(r["frame_id"], float("nan")),
+        } for r in rows])
+        catalog = pipeline.load_catalog(self.cfg.paths.catalog)
+        lc_rows, info = derive_lightcurve(table, catalog, target=target, band=band,
+                                          cfg=self.cfg.photometry)
+        out = []
+        for r in lc_rows:
+            out.append({
+                "frame_id": int(r["frame"]), "target": target, "band": band,
+                "mjd": r["mjd"], "bjd_tdb": r["bjd_tdb"], "mag": r["mag"],
+                "mag_err": r["mag_err"], "diff_mag": r["diff_mag"],
+                "diff_mag_err": r["diff_mag_err"], "airmass": r["airmass"],
+                "fwhm_arcsec": r["fwhm_arcsec"], "aperture_px": r["aperture_px"],
+                "flags": int(r["flags"] or 0), "ensemble_version": r["ensemble_version"],
+                "comparison": list(r["comparison_ids"])})
+        for sid, why in info.rejected.items():
+            self.log.info("comparison star dropped", stage="lightcurve", target=target,
+                          band=band, star=sid, reason=why)
+        self.store.replace_lightcurve(target, band, out, info.ensemble_version)
 
     # ------------------------------------------------------------------ loop helpers
     def rescan(self) -> None:
@@ -565,6 +601,10 @@ class Engine:
         self.store.backup(dest)
         check = self.store.integrity_check()
         self.log.info("housekeeping", stage="housekeeping", integrity=check, backup=str(dest))
+
+
+def _nan(value: Any) -> float:
+    return float("nan") if value is None else float(value)
 
 
 def _known(rows: list[dict], store: Store) -> list[dict]:
