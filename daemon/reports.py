@@ -49,7 +49,10 @@ def _rows(cfg: Config, target: str, band: str | None) -> list[dict] | None:
     if store is None:
         return None
     with store:
-        return store.lightcurve(target, band)
+        rows = store.lightcurve(target, band)
+    for r in rows:
+        r["frame"] = r.get("frame_number")  # the observer's frame number, not our row id
+    return rows
 
 
 def _table(rows: list[dict]) -> str:
