@@ -285,7 +285,7 @@ def process_science(task: FrameTask) -> FrameResult:
                 target_radec=target, target_name=task.entry.name, fwhm_px=float(fwhm_px),
                 exptime_s=exptime_s, gain_e_per_adu=gain, rdnoise_e=rdnoise, mask=mask,
                 cfg=cfg.photometry)
-            zp = lightcurve.zero_point(table, stars, task.band)
+            zp = lightcurve.zero_point(table, stars, task.band, exclude=(task.entry.name,))
             table = lightcurve.calibrate(table, zp, stars, task.band)
             mjd_mid, bjd_tdb = lightcurve.times(header["DATE-OBS"], exptime_s, target[0],
                                                 target[1], cfg.site)

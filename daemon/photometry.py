@@ -1,0 +1,671 @@
+"""Aperture photometry of one calibrated frame: every catalog star and the target.
+
+Numeric only: arrays and tables in, a table and a summary out; no file,
+database or clock. The steps, in order (see :func:`measure_frame`):
+
+1. positions: catalog RA/Dec through the frame's WCS, then a windowed
+   (Gaussian-weighted, SExtractor ``XWIN``-like) centroid for stars bright
+   enough to centroid well; fainter stars are measured at the WCS position
+   shifted by the frame's median centroid offset (forced photometry), because
+   a noisy centroid biases a small aperture's flux low;
+2. cosmic rays: a one-pass L.A.Cosmic-like test finds hits; a hit pixel is
+   replaced by the median of its neighbours and every star whose aperture
+   holds one is flagged ``COSMIC`` (never silently biased);
+3. local sky: sigma-clipped mean of an annulus (``annulus_*_fwhm``) with the
+   cores of known neighbours masked;
+4. curve of growth of bright, isolated, unsaturated stars out to
+   ``growth_radius_fwhm``: the normalised growth curve gives the optimal
+   aperture (maximum S/N for a sky-limited star, about 0.7 FWHM) and the
+   aperture correction from it to the large radius, with its uncertainty;
+5. fluxes at the optimal aperture, aperture-corrected, with errors from the
+   CCD equation (source, sky, read noise, dark, digitisation) plus the error
+   of the sky estimate and the star-to-star scatter of the aperture
+   correction.
+
+Units: the frame is in electrons (bias-subtracted, flat-fielded, times the
+gain); ``gain_e_per_adu`` only enters the digitisation-noise term.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from astropy.stats import sigma_clip
+from astropy.table import Table
+from astropy.wcs import WCS
+from photutils.aperture import CircularAperture
+from scipy import ndimage
+
+from daemon.config import PhotometryConfig
+
+# Bit flags of a measurement (combine with |; 0 = clean).
+EDGE = 1  # the aperture crosses the frame edge
+SATURATED = 2  # a masked (saturated or bad) pixel inside the aperture
+NEIGHBOUR = 4  # neighbours put more than neighbour_max_contamination of light in the aperture
+COSMIC = 8  # a cosmic-ray hit inside the aperture (pixels replaced, star flagged)
+NO_CENTROID = 16  # bright enough to centroid, but the centroid failed or ran away
+BAD_SKY = 32  # too few clean annulus pixels for a trustworthy sky
+NONPOSITIVE = 64  # flux <= 0: no magnitude
+OFF_FRAME = 128  # the target is not on this frame (row kept, values NaN)
+
+FLAG_NAMES = {
+    EDGE: "edge", SATURATED: "saturated", NEIGHBOUR: "neighbour", COSMIC: "cosmic",
+    NO_CENTROID: "no_centroid", BAD_SKY: "bad_sky", NONPOSITIVE: "nonpositive",
+    OFF_FRAME: "off_frame",
+}
+
+COLUMNS = ("star_id", "x_px", "y_px", "flux_e", "flux_err_e", "mag_inst", "mag_inst_err",
+           "aperture_px", "aperture_fwhm", "apcorr_mag", "sky_e_per_px", "flags")
+
+_MAG = 2.5 / math.log(10.0)  # 1.0857: d(mag) = _MAG * d(flux) / flux
+_TARGET_MATCH_ARCSEC = 2.0  # a catalog star this close to the target IS the target
+
+
+def flag_names(flags: int) -> list[str]:
+    """Names of the bits set in ``flags`` (e.g. ``['edge', 'cosmic']``)."""
+    return [name for bit, name in FLAG_NAMES.items() if int(flags) & bit]
+
+
+@dataclass(frozen=True)
+class FrameSummary:
+    """Frame-level results of :func:`measure_frame`.
+
+    Attributes
+    ----------
+    fwhm_px : float
+        FWHM used to scale every radius (px).
+    aperture_px, aperture_fwhm : float
+        Optimal aperture radius (px; FWHM units).
+    growth_radius_px : float
+        Radius the aperture correction refers to (px).
+    apcorr_mag : float
+        Aperture correction (mag, <= 0): added to a magnitude measured in the
+        optimal aperture it gives the magnitude within ``growth_radius_px``.
+    apcorr_err_mag : float
+        Uncertainty of ``apcorr_mag`` (mag), common to every star of the frame
+        (it cancels in differential photometry and in a per-frame zero point).
+    apcorr_scatter_mag : float
+        Star-to-star scatter of the correction beyond measurement noise (mag);
+        already included in every star's ``flux_err_e``.
+    n_growth_stars : int
+        Stars that built the curve of growth.
+    n_stars : int
+        Rows measured (catalog stars on the frame plus the target).
+    sky_e_per_px, sky_sigma_e : float
+        Median local sky (e-/px) and its median per-pixel scatter (e-).
+    centroid_dx_px, centroid_dy_px : float
+        Median offset of the centroids from the WCS positions (px).
+    n_cosmic_px : int
+        Pixels flagged as cosmic-ray hits on the frame.
+    growth_radii_fwhm, growth_curve : tuple of float
+        The normalised curve of growth (fraction of the flux inside the
+        growth radius) sampled at these radii (FWHM units).
+    """
+
+    fwhm_px: float
+    aperture_px: float
+    aperture_fwhm: float
+    growth_radius_px: float
+    apcorr_mag: float
+    apcorr_err_mag: float
+    apcorr_scatter_mag: float
+    n_growth_stars: int
+    n_stars: int
+    sky_e_per_px: float
+    sky_sigma_e: float
+    centroid_dx_px: float
+    centroid_dy_px: float
+    n_cosmic_px: int
+    growth_radii_fwhm: tuple[float, ...] = ()
+    growth_curve: tuple[float, ...] = ()
+
+
+def star_ids(stars: Table) -> np.ndarray:
+    """Identifiers of catalog rows: the ``id`` column, else the row number."""
+    if "id" in stars.colnames:
+        return np.array([str(v) for v in stars["id"]], dtype=object)
+    return np.array([str(k) for k in range(len(stars))], dtype=object)
+
+
+def measure_frame(
+    data_e: np.ndarray,
+    *,
+    wcs: WCS,
+    stars: Table,
+    target_radec: tuple[float, float] | None,
+    fwhm_px: float,
+    gain_e_per_adu: float,
+    rdnoise_e: float,
+    exptime_s: float,
+    mask: np.ndarray | None = None,
+    target_name: str = "target",
+    dark_e_per_px: float = 0.0,
+    cfg: PhotometryConfig | None = None,
+) -> tuple[Table, FrameSummary]:
+    """Measure every catalog star on a calibrated frame, and the target.
+
+    Parameters
+    ----------
+    data_e : ndarray
+        Calibrated frame in electrons (bias-subtracted, flat-fielded, x gain).
+    wcs : astropy.wcs.WCS
+        The frame's (fitted) WCS.
+    stars : astropy.table.Table
+        Catalog: ``ra``, ``dec`` (deg), optional ``id``; other columns ignored.
+    target_radec : (float, float) or None
+        Target RA, Dec (deg). A catalog star within 2 arcsec of it is taken
+        to be the target and measured once, as ``target_name``.
+    fwhm_px : float
+        Seeing FWHM on this frame (px); every radius scales with it.
+    gain_e_per_adu, rdnoise_e : float
+        Camera gain (e-/ADU, for the digitisation noise) and read noise (e-).
+    exptime_s : float
+        Exposure time (s), for ``mag_inst``.
+    mask : ndarray of bool, optional
+        True where a pixel is saturated or bad; such pixels are never used and
+        a star with one in its aperture is flagged ``SATURATED``.
+    target_name : str
+        ``star_id`` of the target row.
+    dark_e_per_px : float
+        Dark charge (e-/px) that was subtracted from the frame; it adds only
+        noise. Leave 0 when no dark was subtracted (the sky then holds it).
+    cfg : PhotometryConfig, optional
+        Radii, thresholds; defaults if omitted.
+
+    Returns
+    -------
+    table : astropy.table.Table
+        One row per star (target first): ``star_id``, ``x_px``, ``y_px``
+        (0-based pixel position), ``flux_e`` (aperture-corrected, e-),
+        ``flux_err_e``, ``mag_inst`` (= -2.5 log10(flux_e / exptime_s)),
+        ``mag_inst_err``, ``aperture_px``, ``aperture_fwhm``, ``apcorr_mag``,
+        ``sky_e_per_px``, ``flags`` (bits of this module).
+        ``mag_inst_err`` is each star's own random error; the frame-common
+        aperture-correction error is ``FrameSummary.apcorr_err_mag``.
+    summary : FrameSummary
+        Optimal aperture, aperture correction, sky, centroid offset.
+    """
+    cfg = cfg or PhotometryConfig()
+    data = np.asarray(data_e, dtype=float)
+    ny, nx = data.shape
+    bad = np.zeros(data.shape, bool) if mask is None else np.asarray(mask, bool).copy()
+    bad |= ~np.isfinite(data)
+    fwhm = float(fwhm_px)
+    if not (fwhm > 0):
+        raise ValueError(f"fwhm_px must be positive, got {fwhm_px!r}")
+
+    # --- which stars, and where the WCS puts them -------------------------
+    ids = list(star_ids(stars))
+    ra = np.asarray(stars["ra"], float) if len(stars) else np.zeros(0)
+    dec = np.asarray(stars["dec"], float) if len(stars) else np.zeros(0)
+    if target_radec is not None:
+        t_ra, t_dec = float(target_radec[0]), float(target_radec[1])
+        sep = _separation_arcsec(ra, dec, t_ra, t_dec)
+        keep = sep > _TARGET_MATCH_ARCSEC
+        ids = [target_name] + [i for i, k in zip(ids, keep, strict=True) if k]
+        ra = np.concatenate([[t_ra], ra[keep]])
+        dec = np.concatenate([[t_dec], dec[keep]])
+    n_all = len(ids)
+    if n_all:
+        xp, yp = wcs.all_world2pix(ra, dec, 0)
+    else:
+        xp, yp = np.zeros(0), np.zeros(0)
+    xp, yp = np.asarray(xp, float), np.asarray(yp, float)
+    on = np.isfinite(xp) & np.isfinite(yp) & (xp >= 0) & (xp <= nx - 1) \
+        & (yp >= 0) & (yp <= ny - 1)
+    is_target = np.zeros(n_all, bool)
+    if target_radec is not None:
+        is_target[0] = True
+    rows = np.flatnonzero(on)  # stars we measure
+    ids_on = [ids[k] for k in rows]
+    x0, y0 = xp[rows], yp[rows]
+    n = len(rows)
+
+    # --- cosmic rays: detect, replace, remember where ---------------------
+    cr_mask, clean, _ratio = _cosmic_rays(data, bad, rdnoise_e, x0, y0, fwhm, cfg)
+
+    # --- first pass: centroids and a rough flux at r = 1 FWHM -------------
+    r_in, r_out = cfg.annulus_inner_fwhm * fwhm, cfg.annulus_outer_fwhm * fwhm
+    sky0 = np.empty(n)
+    sig0 = np.empty(n)
+    nsky0 = np.empty(n, int)
+    for k in range(n):
+        sky0[k], sig0[k], nsky0[k] = _local_sky(clean, bad | cr_mask, x0[k], y0[k], r_in, r_out,
+                                                 x0, y0, k, fwhm, cfg.sky_clip_sigma)
+    f0, a0 = _aperture_sums(clean, bad, x0, y0, [fwhm])
+    flux0 = f0[:, 0] - sky0 * a0[:, 0]
+    snr0 = flux0 / np.sqrt(np.maximum(flux0, 0) + a0[:, 0] * np.maximum(sig0, 1e-9) ** 2)
+    snr0 = np.where(np.isfinite(snr0), snr0, 0.0)
+    xc = np.full(n, np.nan)
+    yc = np.full(n, np.nan)
+    for k in range(n):
+        if snr0[k] >= cfg.centroid_min_snr:
+            xc[k], yc[k] = _windowed_centroid(clean - sky0[k], bad, x0[k], y0[k], fwhm)
+    good_c = np.isfinite(xc) & (snr0 >= 2 * cfg.centroid_min_snr)
+    dx = float(np.median(xc[good_c] - x0[good_c])) if good_c.sum() >= 3 else 0.0
+    dy = float(np.median(yc[good_c] - y0[good_c])) if good_c.sum() >= 3 else 0.0
+    x = x0 + dx
+    y = y0 + dy
+    flags = np.zeros(n, np.int64)
+    max_shift = cfg.centroid_max_shift_fwhm * fwhm
+    for k in range(n):
+        if snr0[k] < cfg.centroid_min_snr:
+            continue  # forced photometry: the shifted WCS position beats a noisy centroid
+        if np.isfinite(xc[k]) and math.hypot(xc[k] - x[k], yc[k] - y[k]) <= max_shift:
+            x[k], y[k] = xc[k], yc[k]
+        else:
+            flags[k] |= NO_CENTROID
+
+    # --- local sky at the final positions ---------------------------------
+    sky = np.empty(n)
+    sky_sig = np.empty(n)
+    n_sky = np.empty(n, int)
+    for k in range(n):
+        sky[k], sky_sig[k], n_sky[k] = _local_sky(clean, bad | cr_mask, x[k], y[k], r_in, r_out,
+                                                  x, y, k, fwhm, cfg.sky_clip_sigma)
+    nominal_sky_px = math.pi * (r_out**2 - r_in**2)
+    flags[n_sky < max(20, 0.3 * nominal_sky_px)] |= BAD_SKY
+    # Per-pixel noise: the CCD equation (sky + dark + read + digitisation) or
+    # the annulus scatter when larger (faint stars, flat-field structure).
+    ccd_var = np.maximum(sky, 0) + dark_e_per_px + rdnoise_e**2 + gain_e_per_adu**2 / 12.0
+    pix_var = np.maximum(ccd_var, np.nan_to_num(sky_sig, nan=0.0) ** 2)
+    sky_mean_var = pix_var / np.maximum(n_sky, 1) + cfg.sky_err_floor_e_per_px**2
+
+    # --- curve of growth from bright isolated stars ------------------------
+    step = 0.05
+    radii_fwhm = np.round(np.arange(cfg.aperture_min_fwhm, cfg.aperture_max_fwhm + 1e-9, step), 4)
+    r_big = cfg.growth_radius_fwhm * fwhm
+    radii = np.concatenate([radii_fwhm * fwhm, [r_big]])
+    flux_est = np.maximum(flux0, 0) / 0.6  # rough total flux, only to rank neighbours
+    contam_big = _contamination(x, y, flux_est, r_big, fwhm)
+    # Growth stars keep their whole annulus on the frame.
+    edge_big = (x - r_out < 0) | (x + r_out > nx - 1) | (y - r_out < 0) | (y + r_out > ny - 1)
+    bad_big = _any_in_circle(bad | cr_mask, x, y, r_big)
+    cand = (snr0 >= cfg.growth_min_snr) & ~edge_big & ~bad_big \
+        & (contam_big < cfg.neighbour_max_contamination) & (flags == 0) & (n_sky >= 20)
+    cand_idx = np.flatnonzero(cand)
+    if len(cand_idx) < 3:  # a sparse or poor frame: accept fainter stars
+        cand = (snr0 >= 30) & ~edge_big & ~bad_big & (contam_big < 0.05) & (flags == 0)
+        cand_idx = np.flatnonzero(cand)
+    cand_idx = cand_idx[np.argsort(-snr0[cand_idx])][: cfg.growth_max_stars]
+    curve, r_opt, apcorr, apcorr_err, apcorr_scatter = _growth(
+        clean, bad, x[cand_idx], y[cand_idx], sky[cand_idx], pix_var[cand_idx],
+        sky_mean_var[cand_idx], radii, radii_fwhm, fwhm, float(np.median(n_sky) if n else 1.0))
+
+    # --- final photometry at the optimal aperture --------------------------
+    # Near a star's core the neighbours' median underestimates a hit pixel;
+    # its mirror image through the star's centre does not (a PSF is symmetric).
+    clean = _mirror_repair(clean, data, cr_mask, bad, x, y, r_opt + 1.0)
+    sums, areas = _aperture_sums(clean, bad, x, y, [r_opt])
+    flux_ap = sums[:, 0] - sky * areas[:, 0]
+    var = np.maximum(flux_ap, 0) + areas[:, 0] * pix_var + areas[:, 0] ** 2 * sky_mean_var
+    frac = 10 ** (0.4 * apcorr)  # fraction of the growth-radius flux inside r_opt
+    flux = flux_ap / frac
+    flux_err = np.sqrt(var / frac**2 + (flux * apcorr_scatter / _MAG) ** 2)
+    contam = _contamination(x, y, flux_est, r_opt, fwhm)
+    flags[contam > cfg.neighbour_max_contamination] |= NEIGHBOUR
+    flags[(x - r_opt < -0.5) | (x + r_opt > nx - 0.5) | (y - r_opt < -0.5)
+          | (y + r_opt > ny - 0.5)] |= EDGE
+    # A pixel touched by the aperture counts: half a pixel beyond the radius.
+    flags[_any_in_circle(bad, x, y, r_opt + 0.5)] |= SATURATED
+    flags[_any_in_circle(cr_mask, x, y, r_opt + 0.5)] |= COSMIC
+    flags[~(flux > 0)] |= NONPOSITIVE
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mag = np.where(flux > 0, -2.5 * np.log10(flux / exptime_s), np.nan)
+        mag_err = np.where(flux > 0, _MAG * flux_err / flux, np.nan)
+
+    # --- the table: the target first, off-frame target as a flagged NaN row
+    out_ids: list[str] = []
+    cols: dict[str, list] = {c: [] for c in COLUMNS if c != "star_id"}
+    if target_radec is not None and not on[0]:
+        out_ids.append(target_name)
+        for c in cols:
+            cols[c].append(np.nan)
+        cols["flags"][-1] = OFF_FRAME
+        cols["aperture_px"][-1] = r_opt
+        cols["aperture_fwhm"][-1] = r_opt / fwhm
+        cols["apcorr_mag"][-1] = apcorr
+    for k in range(n):
+        out_ids.append(ids_on[k])
+        cols["x_px"].append(x[k])
+        cols["y_px"].append(y[k])
+        cols["flux_e"].append(flux[k])
+        cols["flux_err_e"].append(flux_err[k])
+        cols["mag_inst"].append(mag[k])
+        cols["mag_inst_err"].append(mag_err[k])
+        cols["aperture_px"].append(r_opt)
+        cols["aperture_fwhm"].append(r_opt / fwhm)
+        cols["apcorr_mag"].append(apcorr)
+        cols["sky_e_per_px"].append(sky[k])
+        cols["flags"].append(int(flags[k]))
+    table = Table()
+    table["star_id"] = np.array(out_ids, dtype=str) if out_ids else np.zeros(0, dtype="U1")
+    for c, vals in cols.items():
+        table[c] = np.array(vals, dtype=np.int64 if c == "flags" else float)
+    for c, unit in (("x_px", "pix"), ("y_px", "pix"), ("flux_e", "electron"),
+                    ("flux_err_e", "electron"), ("mag_inst", "mag"), ("mag_inst_err", "mag"),
+                    ("aperture_px", "pix"), ("apcorr_mag", "mag"),
+                    ("sky_e_per_px", "electron / pix")):
+        table[c].unit = unit
+    summary = FrameSummary(
+        fwhm_px=fwhm, aperture_px=r_opt, aperture_fwhm=r_opt / fwhm, growth_radius_px=r_big,
+        apcorr_mag=apcorr, apcorr_err_mag=apcorr_err, apcorr_scatter_mag=apcorr_scatter,
+        n_growth_stars=len(cand_idx), n_stars=len(table),
+        sky_e_per_px=float(np.median(sky)) if n else float("nan"),
+        sky_sigma_e=float(np.median(np.sqrt(pix_var))) if n else float("nan"),
+        centroid_dx_px=dx, centroid_dy_px=dy, n_cosmic_px=int(cr_mask.sum()),
+        growth_radii_fwhm=tuple(float(r) for r in radii_fwhm),
+        growth_curve=tuple(float(g) for g in curve),
+    )
+    return table, summary
+
+
+# ---------------------------------------------------------------------------
+# Steps
+# ---------------------------------------------------------------------------
+
+def _separation_arcsec(ra: np.ndarray, dec: np.ndarray, ra0: float, dec0: float) -> np.ndarray:
+    r1, d1, r0, d0 = map(np.radians, (ra, dec, ra0, dec0))
+    h = np.sin((d1 - d0) / 2) ** 2 + np.cos(d1) * np.cos(d0) * np.sin((r1 - r0) / 2) ** 2
+    return np.degrees(2 * np.arcsin(np.sqrt(np.clip(h, 0, 1)))) * 3600.0
+
+
+def _cosmic_rays(data: np.ndarray, bad: np.ndarray, rdnoise_e: float, x: np.ndarray,
+                 y: np.ndarray, fwhm: float,
+                 cfg: PhotometryConfig) -> tuple[np.ndarray, np.ndarray, float]:
+    """Find cosmic-ray (and hot-pixel) hits: (hit mask, cleaned frame, star contrast).
+
+    L.A.Cosmic's idea (van Dokkum 2001) in one pass: a hit is sharper than
+    any star. For each pixel, ``excess`` is its height above the median of
+    its eight neighbours and ``height`` the neighbours' height above the sky.
+    A star's peak pixel has ``excess / height`` near a value set by the seeing
+    and pixel size; we measure that ratio on the frame's own stars (median
+    over their peak pixels), so a sharp PSF is never taken for a hit. A pixel
+    is a hit when ``excess > cosmic_sigma * noise + cosmic_contrast * ratio *
+    height``: on the sky that is a plain 5-sigma spike, on a star's core a
+    spike the star's profile cannot make. On a binned frame a track rarely
+    covers more than two pixels and the median of eight ignores one hit
+    neighbour. Hit pixels are replaced by that median. About 25x cheaper than
+    ``astroscrappy`` here; the tests check it against the simulator's hits.
+    """
+    ring = np.ones((3, 3), bool)
+    ring[1, 1] = False
+    filled = np.where(bad, np.nanmedian(data), data)
+    med8 = ndimage.median_filter(filled, footprint=ring, mode="nearest")
+    sky = float(np.median(filled))
+    excess = filled - med8
+    noise = np.sqrt(np.maximum(filled, 0.0) + rdnoise_e**2)
+    height = med8 - sky
+    ratios = []
+    half = max(int(round(fwhm)), 2)
+    ny, nx = data.shape
+    for xi, yi in zip(x, y, strict=True):
+        ix, iy = int(round(xi)), int(round(yi))
+        if not (half <= ix < nx - half and half <= iy < ny - half):
+            continue
+        box = (slice(iy - half, iy + half + 1), slice(ix - half, ix + half + 1))
+        if bad[box].any():
+            continue
+        k = np.unravel_index(int(np.argmax(filled[box])), filled[box].shape)
+        py, px = iy - half + k[0], ix - half + k[1]
+        if height[py, px] > 30 * noise[py, px]:
+            ratios.append(excess[py, px] / height[py, px])
+    # Without bright stars to learn from, assume a well-sampled Moffat core.
+    ratio = float(np.median(ratios)) if len(ratios) >= 3 else 0.4
+    hits = (excess > cfg.cosmic_sigma * noise
+            + cfg.cosmic_contrast * max(ratio, 0.05) * np.maximum(height, 0.0)) & ~bad
+    clean = np.where(hits, med8, data)
+    return hits, clean, ratio
+
+
+def _mirror_repair(clean: np.ndarray, data: np.ndarray, hits: np.ndarray, bad: np.ndarray,
+                   x: np.ndarray, y: np.ndarray, radius: float) -> np.ndarray:
+    """Replace hit pixels within ``radius`` of a star by the point-mirrored value.
+
+    The value at (2x - px, 2y - py) is bilinearly interpolated from ``data``;
+    when any of the four pixels used is itself hit or bad the neighbours'
+    median (already in ``clean``) stays.
+    """
+    if not hits.any():
+        return clean
+    out = clean.copy()
+    ny, nx = data.shape
+    for xs, ys in zip(x, y, strict=True):
+        sy, sx = _box(hits.shape, xs, ys, radius)
+        sub = hits[sy, sx]
+        if not sub.any():
+            continue
+        for iy, ix in zip(*np.nonzero(sub), strict=True):
+            py, px = iy + sy.start, ix + sx.start
+            if (px - xs) ** 2 + (py - ys) ** 2 > radius**2:
+                continue
+            mx, my = 2 * xs - px, 2 * ys - py
+            x0, y0 = int(math.floor(mx)), int(math.floor(my))
+            if not (0 <= x0 < nx - 1 and 0 <= y0 < ny - 1):
+                continue
+            quad = (slice(y0, y0 + 2), slice(x0, x0 + 2))
+            if (hits[quad] | bad[quad]).any():
+                continue
+            fx, fy = mx - x0, my - y0
+            v = data[quad]
+            out[py, px] = (v[0, 0] * (1 - fx) * (1 - fy) + v[0, 1] * fx * (1 - fy)
+                           + v[1, 0] * (1 - fx) * fy + v[1, 1] * fx * fy)
+    return out
+
+
+def _box(shape: tuple[int, int], x: float, y: float, half: float) -> tuple[slice, slice]:
+    ny, nx = shape
+    x0, x1 = max(int(math.floor(x - half)), 0), min(int(math.ceil(x + half)) + 1, nx)
+    y0, y1 = max(int(math.floor(y - half)), 0), min(int(math.ceil(y + half)) + 1, ny)
+    return slice(y0, max(y1, y0)), slice(x0, max(x1, x0))
+
+
+def _local_sky(img: np.ndarray, bad: np.ndarray, x: float, y: float, r_in: float, r_out: float,
+               xs: np.ndarray, ys: np.ndarray, self_k: int, fwhm: float,
+               clip: float) -> tuple[float, float, int]:
+    """Sigma-clipped mean and scatter of an annulus, neighbours' cores masked."""
+    sy, sx = _box(img.shape, x, y, r_out)
+    yy, xx = np.mgrid[sy, sx]
+    d2 = (xx - x) ** 2 + (yy - y) ** 2
+    use = (d2 >= r_in**2) & (d2 <= r_out**2) & ~bad[sy, sx]
+    # Mask other stars' cores: clipping alone leaves their wings, which bias the mean up.
+    near = np.flatnonzero((np.abs(xs - x) < r_out + 2 * fwhm) & (np.abs(ys - y) < r_out + 2 * fwhm))
+    for j in near:
+        if j != self_k:
+            use &= (xx - xs[j]) ** 2 + (yy - ys[j]) ** 2 > (2.0 * fwhm) ** 2
+    vals = img[sy, sx][use]
+    if vals.size < 5:
+        return float(np.median(img[sy, sx])), float("nan"), int(vals.size)
+    clipped = sigma_clip(vals, sigma=clip, maxiters=10, cenfunc="median", stdfunc="mad_std")
+    kept = clipped.compressed()
+    # The mean, not the median, of the clipped pixels: it has the smaller error,
+    # and the error of the mean is what the CCD equation's sky term assumes.
+    return float(kept.mean()), float(kept.std(ddof=1)), int(kept.size)
+
+
+def _windowed_centroid(img: np.ndarray, bad: np.ndarray, x: float, y: float,
+                       fwhm: float) -> tuple[float, float]:
+    """Gaussian-windowed centroid (SExtractor XWIN); NaN when it does not converge."""
+    sig = fwhm / 2.3548
+    xi, yi = x, y
+    for _ in range(20):
+        sy, sx = _box(img.shape, xi, yi, 2.0 * fwhm)
+        yy, xx = np.mgrid[sy, sx]
+        w = np.exp(-((xx - xi) ** 2 + (yy - yi) ** 2) / (2 * sig**2)) * ~bad[sy, sx]
+        wf = w * img[sy, sx]
+        tot = wf.sum()
+        if not tot > 0:
+            return float("nan"), float("nan")
+        # The factor 2 makes the iteration converge to the true centre for a
+        # Gaussian profile (Gaussian window times Gaussian star).
+        ddx = 2.0 * float((wf * (xx - xi)).sum() / tot)
+        ddy = 2.0 * float((wf * (yy - yi)).sum() / tot)
+        ddx, ddy = np.clip(ddx, -fwhm, fwhm), np.clip(ddy, -fwhm, fwhm)
+        xi, yi = xi + ddx, yi + ddy
+        if math.hypot(xi - x, yi - y) > 3 * fwhm:
+            return float("nan"), float("nan")
+        if abs(ddx) < 1e-3 and abs(ddy) < 1e-3:
+            return float(xi), float(yi)
+    return float(xi), float(yi)
+
+
+def _aperture_sums(img: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarray,
+                   radii: list[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sums (e-) and unmasked areas (px) of circular apertures: arrays (star, radius)."""
+    n = len(x)
+    sums = np.zeros((n, len(radii)))
+    areas = np.zeros((n, len(radii)))
+    if n == 0:
+        return sums, areas
+    pos = np.column_stack([x, y])
+    img0 = np.where(bad, 0.0, img)
+    for j, r in enumerate(radii):
+        ap = CircularAperture(pos, r=float(r))
+        # do_photometry, not aperture_photometry: the latter builds table
+        # metadata (importing matplotlib) on every call, 10x the cost here.
+        s_j, _ = ap.do_photometry(img0, mask=bad, method="exact")
+        sums[:, j] = np.asarray(s_j, float)
+        areas[:, j] = np.asarray(ap.area_overlap(img0, mask=bad), float)
+    return sums, areas
+
+
+def _any_in_circle(flagged: np.ndarray, x: np.ndarray, y: np.ndarray, r: float) -> np.ndarray:
+    """Whether any flagged pixel centre lies within ``r`` of each position."""
+    out = np.zeros(len(x), bool)
+    if not flagged.any():
+        return out
+    for k in range(len(x)):
+        sy, sx = _box(flagged.shape, x[k], y[k], r)
+        sub = flagged[sy, sx]
+        if sub.any():
+            yy, xx = np.mgrid[sy, sx]
+            out[k] = bool((sub & ((xx - x[k]) ** 2 + (yy - y[k]) ** 2 <= r**2)).any())
+    return out
+
+
+def _contamination(x: np.ndarray, y: np.ndarray, flux: np.ndarray, r_ap: float,
+                   fwhm: float) -> np.ndarray:
+    """Fraction of each star's flux that neighbours add inside its aperture.
+
+    A Moffat profile (beta 2.5, a typical seeing wing) is integrated over the
+    aperture on a polar grid; this is a flagging estimate, not a correction.
+    """
+    n = len(x)
+    out = np.zeros(n)
+    if n < 2:
+        return out
+    beta = 2.5
+    alpha = fwhm / (2 * math.sqrt(2 ** (1 / beta) - 1))
+    rr = (np.arange(8) + 0.5) / 8 * r_ap
+    th = np.arange(16) / 16 * 2 * np.pi
+    px = (rr[:, None] * np.cos(th)[None, :]).ravel()
+    py = (rr[:, None] * np.sin(th)[None, :]).ravel()
+    dA = np.repeat(rr * (r_ap / 8) * (2 * np.pi / 16), 16)
+    reach = r_ap + 8 * fwhm
+    for i in range(n):
+        if not flux[i] > 0:
+            continue
+        near = np.flatnonzero((np.abs(x - x[i]) < reach) & (np.abs(y - y[i]) < reach))
+        tot = 0.0
+        for j in near:
+            if j == i or not flux[j] > 0:
+                continue
+            d2 = (x[i] + px - x[j]) ** 2 + (y[i] + py - y[j]) ** 2
+            prof = (beta - 1) / (math.pi * alpha**2) * (1 + d2 / alpha**2) ** (-beta)
+            tot += flux[j] * float((prof * dA).sum())
+        out[i] = tot / flux[i]
+    return out
+
+
+def _growth(img: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarray, sky: np.ndarray,
+            pix_var: np.ndarray, sky_mean_var: np.ndarray, radii: np.ndarray,
+            radii_fwhm: np.ndarray, fwhm: float,
+            n_sky: float) -> tuple[np.ndarray, float, float, float, float]:
+    """Curve of growth, optimal radius and aperture correction.
+
+    Returns (normalised curve at ``radii_fwhm``, optimal radius px,
+    correction mag, its error mag, star-to-star scatter mag).
+    """
+    n = len(x)
+    if n == 0:
+        # Nothing to learn from: the textbook optimum and no correction (flagged
+        # by n_growth_stars = 0 in the summary; the zero point absorbs it).
+        r_opt = 0.7 * fwhm
+        return np.full(len(radii_fwhm), np.nan), r_opt, 0.0, 0.1, 0.0
+    sums, areas = _aperture_sums(img, bad, x, y, radii)
+    net = sums - sky[:, None] * areas
+    var = np.maximum(net, 0) + areas * pix_var[:, None] + areas**2 * sky_mean_var[:, None]
+    total = net[:, -1]
+    ok = total > 0
+    g = net[ok, :-1] / total[ok, None]
+    curve = np.median(g, axis=0) if ok.any() else np.full(len(radii_fwhm), np.nan)
+    area = np.pi * (radii_fwhm * fwhm) ** 2
+    # S/N of a sky-limited star (the ones whose errors matter) at each radius:
+    # signal ~ G(r), noise ~ sqrt(area (1 + area / n_sky)) (pixel + sky-estimate noise).
+    snr = curve / np.sqrt(area * (1 + area / max(n_sky, 1.0)))
+    if not np.isfinite(snr).any():
+        return curve, 0.7 * fwhm, 0.0, 0.1, 0.0
+    j = int(np.nanargmax(snr))
+    r_opt = float(radii_fwhm[j] * fwhm)
+    # Per-star correction at r_opt and its noise (the two sums share the inner pixels).
+    net_r, net_R = net[ok, j], total[ok]
+    var_r, var_R = var[ok, j], var[ok, -1]
+    gi = net_r / net_R
+    rel_var = var_r / net_r**2 + var_R / net_R**2 - 2 * var_r / (net_r * net_R)
+    noise = _MAG * np.sqrt(np.maximum(rel_var, 0))
+    ci = -2.5 * np.log10(np.clip(gi, 1e-6, None))
+    # Faint growth stars carry the sky noise of the big aperture: keep those
+    # whose correction is known to 0.03 mag, and clip against the weighted
+    # median with a 0.01 mag allowance (a star with an unseen neighbour).
+    use = np.isfinite(ci) & (noise < 0.03)
+    if not use.any():
+        use = np.isfinite(ci) & (noise <= np.sort(noise)[min(2, len(noise) - 1)])
+    ci, noise = ci[use], noise[use]
+    for _ in range(5):
+        w = 1 / np.maximum(noise, 1e-4) ** 2
+        centre = _weighted_median(ci, w)
+        keep = np.abs(ci - centre) <= 3 * np.sqrt(noise**2 + 0.01**2)
+        if keep.all() or keep.sum() < 2:
+            break
+        ci, noise = ci[keep], noise[keep]
+    # The star-to-star part (pixel phase, PSF variation across the field) is
+    # small: judge it only from stars measured to 5 mmag, so that the
+    # unmodelled noise of fainter growth stars is not mistaken for it.
+    precise = noise < 0.005
+    scatter = _excess_scatter(ci[precise], noise[precise]) if precise.sum() >= 5 else 0.0
+    w = 1 / (np.maximum(noise, 1e-4) ** 2 + scatter**2)
+    # Convention: apcorr (mag, <= 0) is added to the aperture magnitude.
+    apcorr = -float((w * ci).sum() / w.sum())
+    err = math.sqrt(1 / w.sum())
+    if len(ci) >= 3:
+        chi2 = float((w * (ci + apcorr) ** 2).sum() / (len(ci) - 1))
+        err *= math.sqrt(max(chi2, 1.0))
+    return curve, r_opt, apcorr, err, scatter
+
+
+def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
+    order = np.argsort(values)
+    cw = np.cumsum(weights[order])
+    return float(values[order][np.searchsorted(cw, 0.5 * cw[-1])])
+
+
+def _excess_scatter(values: np.ndarray, noise: np.ndarray) -> float:
+    """Scatter beyond the measurement noise: s with sum r^2/(noise^2+s^2) = n-1."""
+    n = len(values)
+    if n < 3:
+        return 0.0
+
+    def reduced_chi2(s: float) -> float:
+        w = 1 / (noise**2 + s**2)
+        mean = (w * values).sum() / w.sum()
+        return float((w * (values - mean) ** 2).sum() / (n - 1))
+
+    if reduced_chi2(0.0) <= 1.0:
+        return 0.0
+    lo, hi = 0.0, float(np.ptp(values)) + 1e-6
+    for _ in range(40):  # bisection: reduced chi^2 falls as s grows
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if reduced_chi2(mid) > 1.0 else (lo, mid)
+    return 0.5 * (lo + hi)
