@@ -288,6 +288,9 @@ class Engine:
                     provisional = True
             chosen[kind] = row
         parts = [f"{k} {r['night']} v{r['version']}" for k, r in chosen.items() if r]
+        det = self.store.detector_params(night, band)
+        if det:  # a new gain changes every flux in electrons: it is part of the version
+            parts.append(f"gain {det['gain_e_per_adu']:.4f}")
         return Masters(
             bias=chosen["bias"]["path"] if chosen["bias"] else None,
             flat=chosen["flat"]["path"] if chosen["flat"] else None,
@@ -449,6 +452,9 @@ class Engine:
                 self.store.set_detector_params(night, band, gain_e_per_adu=result["gain"],
                                                rdnoise_e=result["rdnoise"],
                                                inputs=result["gain_inputs"])
+        if kind == "bias" and self.store.latest_calibration(night, band, "flat"):
+            # flats (and gain) were built against an older master bias: rebuild them
+            self.dirty_masters.add((night, band, "flat"))
         self.log.info("master built", stage="master", band=band, kind=kind, version=version,
                       n_inputs=len(result["inputs"]), n_rejected=len(result["rejected"]),
                       elapsed_s=result["elapsed_s"])
