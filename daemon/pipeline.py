@@ -75,7 +75,7 @@ class FrameTask:
     gain_e_per_adu: float | None = None
     rdnoise_e: float | None = None
     target_radec: tuple[float, float] | None = None
-    catalog_path: str = ""
+    stars: Table | None = None  # reference stars around the pointing (catalog cone)
 
 
 @dataclass
@@ -109,6 +109,24 @@ def _step(timings: dict[str, float], name: str) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------- steps
+
+
+def warm_up() -> None:
+    """Pool initializer: pay the one-time imports and astropy set-up before frames come.
+
+    Without it the first frame of every worker spends over a second in the
+    header step (coordinate frames, IERS tables), which is latency an observer sees.
+    """
+    try:
+        from astropy.time import Time
+
+        from daemon import astrometry, calibration, lightcurve, photometry  # noqa: F401
+        from daemon.config import SiteConfig
+        from daemon.headers import airmass
+
+        airmass(10.0, 20.0, Time("2020-01-01T12:00:00", scale="utc"), SiteConfig())
+    except Exception:  # noqa: BLE001 - a warm-up must never stop a worker from starting
+        pass
 
 
 def read_raw(path: str) -> tuple[np.ndarray, fits.Header]:
@@ -153,18 +171,6 @@ def load_master(path: str | None) -> np.ndarray | None:
     if not path:
         return None
     return _master(path, Path(path).stat().st_mtime)
-
-
-@lru_cache(maxsize=4)
-def _catalog(path: str, mtime: float) -> Table:
-    from daemon.catalog import read_catalog_file
-
-    return read_catalog_file(path)
-
-
-def load_catalog(path: str) -> Table:
-    """The local reference catalog, read once per worker process."""
-    return _catalog(path, Path(path).stat().st_mtime)
 
 
 def guess_wcs(header: fits.Header) -> WCS:
@@ -238,19 +244,17 @@ def process_science(task: FrameTask) -> FrameResult:
                                 f"{task.entry.name!r} and the name could not be resolved")
         ra0 = task.entry.ra_deg if task.entry.ra_deg is not None else task.target_radec[0]
         dec0 = task.entry.dec_deg if task.entry.dec_deg is not None else task.target_radec[1]
-        if not task.catalog_path:
+        if task.stars is None or len(task.stars) == 0:
             raise FrameRejected("waiting_catalog", "catalog_unavailable",
-                                "no local catalog configured and no cached cone")
+                                "no reference stars for this field (no local catalog, "
+                                "nothing cached)")
         with _step(t, "detect"):
             binning = int(header.get("XBINNING", 1) or 1)
             sources, bg_rms, fwhm_px = astrometry.detect_sources(
                 calibrated, mask, detect_sigma=cfg.astrometry.detect_sigma,
                 saturation=cam.saturation_adu)
         with _step(t, "solve"):
-            from daemon.catalog import cone
-
-            stars = cone(load_catalog(task.catalog_path), ra0, dec0,
-                         cfg.catalog.radius_arcmin)
+            stars = task.stars
             try:
                 sol = astrometry.solve(sources, stars, guess=guess_wcs(header),
                                        shape=calibrated.shape, cfg=cfg.astrometry)

@@ -99,7 +99,14 @@ class Engine:
     incomplete: dict[Path, _Pending] = field(default_factory=dict)
     logs: dict[Path, tuple[float, ObservingLog]] = field(default_factory=dict)
     dirty_masters: set[tuple[str, str, str]] = field(default_factory=set)
+    catalog: Any = None  # daemon.catalog.CatalogSource
+    cones: dict[tuple[float, float], Any] = field(default_factory=dict)
+    names: dict[str, tuple[float, float] | None] = field(default_factory=dict)
+    lookups: dict[tuple, cf.Future] = field(default_factory=dict)
+    lookup_pool: cf.ThreadPoolExecutor = field(
+        default_factory=lambda: cf.ThreadPoolExecutor(1, thread_name_prefix="catalog"))
     paused: bool = False
+    pool_broken: bool = False
     last_activity: float = field(default_factory=time.monotonic)
 
     # ------------------------------------------------------------------ paths
@@ -274,6 +281,59 @@ class Engine:
         if fid not in self.queue:
             self.queue.append(fid)
 
+    # ------------------------------------------------------------------ catalog
+    def _lookup(self, key: tuple, fn: Any, *args: Any) -> tuple[bool, Any]:
+        """Run a catalog/name look-up off the main loop: (finished, result or exception)."""
+        fut = self.lookups.get(key)
+        if fut is None:
+            self.lookups[key] = self.lookup_pool.submit(fn, *args)
+            return False, None
+        if not fut.done():
+            return False, None
+        del self.lookups[key]
+        exc = fut.exception()
+        return True, exc if exc is not None else fut.result()
+
+    def pointing(self, entry: LogEntry) -> tuple[bool, tuple[float, float] | None]:
+        """The target's coordinates: the log's, else SIMBAD's through the cache."""
+        if entry.ra_deg is not None and entry.dec_deg is not None:
+            return True, (entry.ra_deg, entry.dec_deg)
+        if entry.name in self.names:
+            return True, self.names[entry.name]
+        finished, got = self._lookup(("name", entry.name), self.catalog.resolve_name,
+                                     entry.name)
+        if not finished:
+            return False, None
+        self.names[entry.name] = None if isinstance(got, BaseException) else got
+        return True, self.names[entry.name]
+
+    def stars_for(self, radec: tuple[float, float]) -> tuple[bool, Any]:
+        """Reference stars around a pointing: (finished, Table or CatalogUnavailable)."""
+        key = (round(radec[0], 3), round(radec[1], 3))
+        if key in self.cones:
+            return True, self.cones[key]
+        if self.catalog.local_file is not None:
+            got: Any = self.catalog.stars(*radec)  # a local file: fast, no network
+        else:
+            finished, got = self._lookup(("cone", *key), self.catalog.stars, *radec)
+            if not finished:
+                return False, None
+        if not isinstance(got, BaseException):
+            self.cones[key] = got
+        return True, got
+
+    def prefetch(self) -> None:
+        """Fetch the cones of every target in the logs before their frames need them."""
+        seen = set()
+        for _mtime, parsed in self.logs.values():
+            for entry in parsed.entries:
+                if entry.is_calibration or entry.name in seen:
+                    continue
+                seen.add(entry.name)
+                done, radec = self.pointing(entry)
+                if done and radec is not None:
+                    self.stars_for(radec)
+
     # ------------------------------------------------------------------ masters
     def choose_masters(self, night: str, band: str) -> Masters:
         """The night's newest masters, else an earlier night's (flagged provisional)."""
@@ -342,6 +402,8 @@ class Engine:
     # ------------------------------------------------------------------ dispatch
     def dispatch(self) -> None:
         """Hand queued frames to the pool, respecting order and calibration."""
+        if self.pool_broken:
+            return  # renew_pool() replaces it once the frames in hand are back
         self._submit_masters()
         limit = max(2 * self._workers(), 2)
         busy_series = {p[2] for k, p in self.inflight.values() if k == "science"}
@@ -371,7 +433,27 @@ class Engine:
                                                                    frame["band"]):
                     keep.append(fid)  # keep time order; wait for the newest masters
                     continue
-                task = self._science_task(fid, frame, entry, out)
+                ready, radec = self.pointing(entry)
+                if not ready:
+                    keep.append(fid)
+                    continue
+                if radec is None:
+                    self.store.set_state(fid, "waiting_log", "no_coordinates: log line "
+                                         f"{entry.line_no} has no RA/Dec and SIMBAD does "
+                                         f"not know {entry.name!r}")
+                    continue
+                ready, stars = self.stars_for(radec)
+                if not ready:
+                    keep.append(fid)
+                    continue
+                if isinstance(stars, BaseException):
+                    self.store.set_state(fid, "waiting_catalog",
+                                         f"catalog_unavailable: {stars}")
+                    self.log.warning("catalog unavailable; frame waits", frame=frame["path"],
+                                     stage="catalog", reason="catalog_unavailable",
+                                     error=str(stars))
+                    continue
+                task = self._science_task(fid, frame, entry, out, radec, stars)
                 fut = self.pool.submit(pipeline.process_science, task)
                 self.inflight[fut] = ("science", (frame["night"], frame["band"], series, fid))
                 busy_series.add(series)
@@ -381,7 +463,8 @@ class Engine:
     def _workers(self) -> int:
         return self.cfg.daemon.workers or os.cpu_count() or 1
 
-    def _science_task(self, fid: int, frame: dict, entry: LogEntry, out: str) -> FrameTask:
+    def _science_task(self, fid: int, frame: dict, entry: LogEntry, out: str,
+                      radec: tuple[float, float], stars: Any) -> FrameTask:
         masters = self.choose_masters(frame["night"], frame["band"])
         det = self.store.detector_params(frame["night"], frame["band"])
         return FrameTask(
@@ -389,7 +472,7 @@ class Engine:
             entry, self.cfg, masters=masters,
             gain_e_per_adu=det["gain_e_per_adu"] if det else None,
             rdnoise_e=det["rdnoise_e"] if det else None,
-            catalog_path=self.cfg.paths.catalog)
+            target_radec=radec, stars=stars)
 
     # ------------------------------------------------------------------ results
     def collect(self, timeout_s: float) -> None:
@@ -414,10 +497,30 @@ class Engine:
                 self._science_done(payload, result)
 
     def _worker_crash(self, kind: str, payload: Any, exc: Exception) -> None:
+        """A worker died (killed, out of memory): retry its frame, give up after 3 tries."""
         self.log.error("worker crashed", stage=kind, reason=type(exc).__name__, error=str(exc))
+        if isinstance(exc, cf.process.BrokenProcessPool):
+            self.pool_broken = True
         if kind in ("calibration", "science"):
             fid = payload[2] if kind == "calibration" else payload[3]
-            self.store.set_state(fid, "failed", f"worker_crash: {type(exc).__name__}")
+            frame = self.store.frame(fid)
+            if frame and (frame["attempts"] or 0) < 3:
+                self.store.set_state(fid, "queued", None)
+                self.queue.append(fid)
+            else:
+                self.store.set_state(fid, "failed", f"worker_crash: {type(exc).__name__}")
+        elif kind == "master":
+            self.dirty_masters.add(payload[:3])
+
+    def renew_pool(self) -> None:
+        """Replace a broken process pool (one dead worker breaks all of it)."""
+        if not self.pool_broken or self.inflight:
+            return
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pool = cf.ProcessPoolExecutor(max_workers=self._workers(),
+                                           initializer=pipeline.warm_up)
+        self.pool_broken = False
+        self.log.warning("worker pool restarted", stage="pool", reason="worker_crash")
 
     def _calibration_done(self, payload: tuple, result: FrameResult) -> None:
         night, band, fid, cal_kind = payload
@@ -515,7 +618,7 @@ class Engine:
         frames = {f["id"]: f for f in self.store.frames(states=["done", "processing"],
                                                          band=band) if f["target"] == target}
         rows = [r for r in rows if r["frame_id"] in frames]
-        if not rows or not self.cfg.paths.catalog:
+        if not rows:
             return
         scale = {}
         for fid in frames:
@@ -529,7 +632,12 @@ class Engine:
             "bjd_tdb": _nan(r["bjd_tdb"]), "airmass": _nan(r["airmass"]),
             "fwhm_arcsec": _nan(r["fwhm_px"]) * scale.get(r["frame_id"], float("nan")),
         } for r in rows])
-        catalog = pipeline.load_catalog(self.cfg.paths.catalog)
+        entry, _ = self.entry_for(next(iter(frames.values())))
+        radec = self.names.get(target) if entry is None or entry.ra_deg is None \
+            else (entry.ra_deg, entry.dec_deg)
+        catalog = self.cones.get((round(radec[0], 3), round(radec[1], 3))) if radec else None
+        if catalog is None:
+            return
         lc_rows, info = derive_lightcurve(table, catalog, target=target, band=band,
                                           cfg=self.cfg.photometry)
         out = []
@@ -563,6 +671,7 @@ class Engine:
                 changed |= before != (len(self.logs), sum(m for m, _ in self.logs.values()))
         if changed:
             self.log_changed()
+        self.prefetch()
         for f in self.store.frames(states=["waiting_catalog", "arrived"]):
             self.classify(f["id"])
 
@@ -684,6 +793,19 @@ def run_daemon(cfg: Config, until_idle_s: float | None = None) -> int:
             log.error("watched folder does not exist", stage="start", reason="no_folder",
                       folder=str(r))
             return 2
+    from daemon.catalog import CatalogError, CatalogSource
+
+    catalog = CatalogSource(cfg.catalog, work, local_file=cfg.paths.catalog or None)
+    if cfg.paths.catalog and not Path(cfg.paths.catalog).exists():
+        log.warning("reference catalog file not there yet; science frames wait for it",
+                    stage="start", reason="catalog_unavailable", catalog=cfg.paths.catalog)
+    elif cfg.paths.catalog:
+        try:
+            catalog.stars(0.0, 0.0, 0.1)  # reads and checks the file once, at start-up
+        except CatalogError as exc:
+            log.error("reference catalog unusable", stage="start", reason="bad_catalog",
+                      error=str(exc))
+            return 2
     store = Store.open(store_path(work))
     flags = _Flags()
 
@@ -693,8 +815,8 @@ def run_daemon(cfg: Config, until_idle_s: float | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     workers = cfg.daemon.workers or os.cpu_count() or 1
-    pool = cf.ProcessPoolExecutor(max_workers=workers)
-    engine = Engine(cfg, store, pool, log, roots=roots)
+    pool = cf.ProcessPoolExecutor(max_workers=workers, initializer=pipeline.warm_up)
+    engine = Engine(cfg, store, pool, log, roots=roots, catalog=catalog)
     watcher = FolderWatcher(roots, polling=cfg.daemon.observer == "polling",
                             poll_interval_s=cfg.daemon.poll_interval_s)
     watcher.start()  # before the first scan, so nothing written meanwhile is missed
@@ -729,6 +851,7 @@ def run_daemon(cfg: Config, until_idle_s: float | None = None) -> int:
             if flags.housekeeping:
                 flags.housekeeping = False
                 engine.housekeeping()
+            engine.renew_pool()
             engine.dispatch()
             engine.collect(timeout_s=0.05)
             now = time.monotonic()
@@ -751,8 +874,9 @@ def run_daemon(cfg: Config, until_idle_s: float | None = None) -> int:
         while engine.inflight:
             engine.collect(timeout_s=1.0)
         sched.shutdown(wait=False)
+        engine.lookup_pool.shutdown(wait=False, cancel_futures=True)
         watcher.stop()
-        pool.shutdown(wait=True)
+        engine.pool.shutdown(wait=True)
         counts = store.counts()
         log.info("photd stopped", stage="stop", counts=counts)
         store.close()
