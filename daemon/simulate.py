@@ -133,6 +133,7 @@ class SimOptions:
     n_bias: int = 10
     n_flat: int = 10
     n_dark: int = 3
+    flats: str = "dusk"  # "dusk" (before the science frames) or "dawn" (after them)
     workers: int = 0  # 0 = number of cores (non-arrival mode)
 
     @property
@@ -200,7 +201,8 @@ def plan_night(opts: SimOptions) -> list[FramePlan]:
     """Frame numbers, kinds and start times of the whole night.
 
     Calibrations first (biases, dusk sky flats, darks), an unlogged focus
-    frame, then each target in turn. One frame of the first target is a
+    frame, then each target in turn; with ``flats="dawn"`` the sky flats come
+    last, as they often do. One frame of the first target is a
     double exposure and one of the second is clouded out.
     """
     night0 = Time(f"{opts.night}T09:20:00", scale="utc")
@@ -211,14 +213,22 @@ def plan_night(opts: SimOptions) -> list[FramePlan]:
         plans.append(FramePlan(n, "bias", 0.0, _iso(t)))
         n += 1
         t += 25 * u.s
-    t = Time(f"{opts.night}T09:40:00", scale="utc")
-    for k in range(opts.n_flat):
-        # Twilight fades: the observer lengthens exposures; levels fall 30k -> 15k ADU.
-        level = 30000.0 - 15000.0 * k / max(opts.n_flat - 1, 1)
-        plans.append(FramePlan(n, "flat", round(2.0 + 1.2 * k, 1), _iso(t),
-                               flat_level_adu=level))
-        n += 1
-        t += 60 * u.s
+
+    def flats(n: int, start: str, dawn: bool) -> int:
+        t = Time(start, scale="utc")
+        for k in range(opts.n_flat):
+            # Dusk fades: the observer lengthens exposures, levels fall 30k -> 15k ADU;
+            # at dawn the sky brightens and it goes the other way.
+            frac = k / max(opts.n_flat - 1, 1)
+            level = 15000.0 + 15000.0 * frac if dawn else 30000.0 - 15000.0 * frac
+            exptime = 2.0 + 1.2 * (opts.n_flat - 1 - k if dawn else k)
+            plans.append(FramePlan(n, "flat", round(exptime, 1), _iso(t), flat_level_adu=level))
+            n += 1
+            t += 60 * u.s
+        return n
+
+    if opts.flats == "dusk":
+        n = flats(n, f"{opts.night}T09:40:00", dawn=False)
     t = Time(f"{opts.night}T10:00:00", scale="utc")
     for _ in range(opts.n_dark):
         plans.append(FramePlan(n, "dark", 300.0, _iso(t)))
@@ -242,6 +252,8 @@ def plan_night(opts: SimOptions) -> list[FramePlan]:
             plans.append(plan)
             n += 1
             t += (300 + READOUT_S) * u.s
+    if opts.flats == "dawn":
+        n = flats(n, f"{opts.night}T21:30:00", dawn=True)
     return plans
 
 

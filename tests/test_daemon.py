@@ -237,3 +237,44 @@ def test_kill_9_at_random_moments_ends_like_an_undisturbed_run(tmp_path):
     assert got["lightcurve"].keys() == reference["lightcurve"].keys()
     for key, mag in reference["lightcurve"].items():
         assert got["lightcurve"][key] == pytest.approx(mag, abs=1e-6)
+
+
+def test_dawn_flats_remeasure_provisional_frames_without_duplicates(tmp_path):
+    night = tmp_path / "night"
+    (night / "raw").mkdir(parents=True)
+    opts = SimOptions(seed=9, small=True, science_per_target=3, n_bias=3, n_flat=4,
+                      n_dark=0, flats="dawn")
+    cfg = _config(tmp_path, night)
+    daemon = _photd("run", "--config", str(cfg), "--until-idle", "6")
+    try:
+        # frames arrive live, the log grows with them: science frames are measured
+        # long before the dawn flats exist
+        simulate_night(night, SimOptions(**{**opts.__dict__, "log": "growing"}),
+                       arrival_s=1.0)
+        err = _wait(daemon, 600)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+    assert daemon.returncode == 0, err[-3000:]
+    truth = load_truth(night)
+    _check_final_states(_status(cfg), truth)
+    con = sqlite3.connect(tmp_path / "work" / "photd.sqlite")
+    try:
+        done = con.execute("SELECT id, calib_version FROM frames WHERE state='done'").fetchall()
+        assert done
+        for fid, version in done:
+            # every measurement ends calibrated with the night's final flat and gain
+            assert "flat 20" in version and "gain" in version, version
+            states = [s for (s,) in con.execute(
+                "SELECT state FROM state_log WHERE frame_id=? ORDER BY id", (fid,))]
+            assert states.count("done") >= 2, (fid, states)  # provisional, then final
+            versions = {v for (v,) in con.execute(
+                "SELECT DISTINCT calib_version FROM measurements WHERE frame_id=?", (fid,))}
+            assert versions == {version}
+        n_lc = con.execute("SELECT COUNT(*) FROM lightcurve").fetchone()[0]
+        assert n_lc == len(done)
+        dup = con.execute("SELECT frame_id, star_id, COUNT(*) c FROM measurements "
+                          "GROUP BY frame_id, star_id HAVING c > 1").fetchall()
+        assert dup == []
+    finally:
+        con.close()
