@@ -51,6 +51,7 @@ def run_demo(directory: str | None = None, *, small: bool = True, seed: int = 1,
         Science frames per target and band.
     """
     root = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="photd-demo-"))
+    root = root.resolve()
     root.mkdir(parents=True, exist_ok=True)
     (root / "raw").mkdir(exist_ok=True)
     opts = SimOptions(seed=seed, small=small, science_per_target=frames)

@@ -129,6 +129,32 @@ def plot(cfg: Config, target: str, *, band: str | None = None,
     by_band: dict[str, list[dict]] = {}
     for r in rows:
         by_band.setdefault(r["band"], []).append(r)
-    ex.plot_lightcurve(by_band, {}, out)
+    ex.plot_lightcurve(by_band, _comparison_curves(cfg, target, list(by_band)), out,
+                       title=target)
     print(out)
     return 0
+
+
+def _comparison_curves(cfg: Config, target: str, bands: list[str]) -> dict:
+    """Each band's comparison stars against the rest of the ensemble, for the plot."""
+    from daemon.catalog import CatalogError, CatalogSource, CatalogUnavailable
+    from daemon.curves import derive, target_position
+
+    store = _open(cfg)
+    if store is None:
+        return {}
+    with store:
+        radec = target_position(store, target)
+        if radec is None:
+            return {}
+        source = CatalogSource(cfg.catalog, cfg.work_dir, local_file=cfg.paths.catalog or None)
+        try:
+            catalog = source.stars(*radec)
+        except (CatalogError, CatalogUnavailable):
+            return {}  # the plot still shows the target's curve
+        curves = {}
+        for band in bands:
+            got = derive(store, catalog, target, band, cfg)
+            if got is not None:
+                curves[band] = got[1].curves
+        return curves

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import astropy.units as u
 from apscheduler.schedulers.background import BackgroundScheduler
 from astropy.io import fits
 from astropy.time import Time
@@ -52,7 +53,7 @@ def night_of(date_obs: str | None, utc_offset_h: float, fallback_unix: float) ->
         t = None
     if t is None:
         t = Time(fallback_unix, format="unix")
-    shifted = t + (utc_offset_h - 12.0) * 3600.0 / 86400.0
+    shifted = t + (utc_offset_h - 12.0) * u.hour
     return shifted.to_value("iso", subfmt="date")
 
 
@@ -610,50 +611,27 @@ class Engine:
         Revising the comparison ensemble as the night goes on re-derives every
         earlier point with it, so the curve never mixes ensembles.
         """
-        from astropy.table import Table
+        from daemon.curves import derive
 
-        from daemon.lightcurve import derive_lightcurve
-
-        rows = [r for r in self.store.measurements_for(target=target, band=band)]
-        frames = {f["id"]: f for f in self.store.frames(states=["done", "processing"],
-                                                         band=band) if f["target"] == target}
-        rows = [r for r in rows if r["frame_id"] in frames]
-        if not rows:
+        radec = next((k for k in self.cones), None)
+        for _m, parsed in self.logs.values():
+            for entry in parsed.entries:
+                if entry.name == target and not entry.is_calibration:
+                    radec = (entry.ra_deg, entry.dec_deg) if entry.ra_deg is not None \
+                        else self.names.get(target)
+        if radec is None:
             return
-        scale = {}
-        for fid in frames:
-            sol = self.store.solution(fid)
-            scale[fid] = sol["scale_arcsec"] if sol else float("nan")
-        table = Table(rows=[{
-            "frame": r["frame_id"], "star_id": r["star_id"], "x_px": r["x_px"],
-            "y_px": r["y_px"], "mag_inst": _nan(r["mag_inst"]),
-            "mag_inst_err": _nan(r["mag_inst_err"]), "flags": r["flags"] or 0,
-            "aperture_px": _nan(r["aperture_px"]), "mjd": _nan(r["mjd_mid"]),
-            "bjd_tdb": _nan(r["bjd_tdb"]), "airmass": _nan(r["airmass"]),
-            "fwhm_arcsec": _nan(r["fwhm_px"]) * scale.get(r["frame_id"], float("nan")),
-        } for r in rows])
-        entry, _ = self.entry_for(next(iter(frames.values())))
-        radec = self.names.get(target) if entry is None or entry.ra_deg is None \
-            else (entry.ra_deg, entry.dec_deg)
-        catalog = self.cones.get((round(radec[0], 3), round(radec[1], 3))) if radec else None
+        catalog = self.cones.get((round(radec[0], 3), round(radec[1], 3)))
         if catalog is None:
             return
-        lc_rows, info = derive_lightcurve(table, catalog, target=target, band=band,
-                                          cfg=self.cfg.photometry)
-        out = []
-        for r in lc_rows:
-            out.append({
-                "frame_id": int(r["frame"]), "target": target, "band": band,
-                "mjd": r["mjd"], "bjd_tdb": r["bjd_tdb"], "mag": r["mag"],
-                "mag_err": r["mag_err"], "diff_mag": r["diff_mag"],
-                "diff_mag_err": r["diff_mag_err"], "airmass": r["airmass"],
-                "fwhm_arcsec": r["fwhm_arcsec"], "aperture_px": r["aperture_px"],
-                "flags": int(r["flags"] or 0), "ensemble_version": r["ensemble_version"],
-                "comparison": list(r["comparison_ids"])})
+        got = derive(self.store, catalog, target, band, self.cfg)
+        if got is None:
+            return
+        rows, info = got
         for sid, why in info.rejected.items():
             self.log.info("comparison star dropped", stage="lightcurve", target=target,
                           band=band, star=sid, reason=why)
-        self.store.replace_lightcurve(target, band, out, info.ensemble_version)
+        self.store.replace_lightcurve(target, band, rows, info.ensemble_version)
 
     # ------------------------------------------------------------------ loop helpers
     def rescan(self) -> None:
@@ -710,16 +688,66 @@ class Engine:
         self.paused = low
 
     def housekeeping(self) -> None:
-        """Backup of the store (SQLite online backup) and an integrity check."""
+        """Night summaries and plots, a backup of the store and an integrity check."""
+        t0 = time.perf_counter()
+        for night in {f["night"] for f in self.store.frames() if f["night"]}:
+            try:
+                self.night_summary(night)
+            except Exception as exc:  # a plot must never stop the daemon
+                self.log.warning("night summary failed", stage="housekeeping", night=night,
+                                 reason=type(exc).__name__, error=str(exc))
         dest = self.work / "backup" / f"{STORE_NAME}.bak"
         dest.parent.mkdir(parents=True, exist_ok=True)
         self.store.backup(dest)
+        self.store.checkpoint()
         check = self.store.integrity_check()
-        self.log.info("housekeeping", stage="housekeeping", integrity=check, backup=str(dest))
+        level = "info" if check == "ok" else "error"
+        getattr(self.log, level)("housekeeping", stage="housekeeping", integrity=check,
+                                 backup=str(dest),
+                                 elapsed_s=round(time.perf_counter() - t0, 3))
 
+    def night_summary(self, night: str) -> Path:
+        """``<work>/nights/<night>/summary.json`` and one light-curve PNG per target."""
+        from daemon.export import plot_lightcurve
 
-def _nan(value: Any) -> float:
-    return float("nan") if value is None else float(value)
+        folder = self.work / "nights" / night
+        folder.mkdir(parents=True, exist_ok=True)
+        frames = self.store.frames(night=night)
+        counts: dict[str, int] = {}
+        for f in frames:
+            counts[f["state"]] = counts.get(f["state"], 0) + 1
+        targets: dict[str, dict] = {}
+        for f in frames:
+            if f["kind"] == "object" and f["target"]:
+                targets.setdefault(f["target"], {})
+        for target, info in targets.items():
+            rows = [r for r in self.store.lightcurve(target)
+                    if any(f["id"] == r["frame_id"] for f in frames)]
+            by_band: dict[str, list[dict]] = {}
+            for r in rows:
+                by_band.setdefault(r["band"], []).append(r)
+            for band, rs in by_band.items():
+                diffs = sorted(r["diff_mag"] for r in rs if r["diff_mag"] is not None)
+                info[band] = {"points": len(rs),
+                              "diff_mag_range": [diffs[0], diffs[-1]] if diffs else None,
+                              "median_err": sorted(r["diff_mag_err"] or 0 for r in rs)[
+                                  len(rs) // 2]}
+            if by_band:
+                png = folder / f"{slug(target)}.png"
+                plot_lightcurve(by_band, {}, png, title=f"{target} {night}")
+                info["plot"] = str(png)
+        masters = {b: {k: (self.store.latest_calibration(night, b, k) or {}).get("version")
+                       for k in ("bias", "flat", "dark")} for b in ("g", "r", "i")}
+        detector = {b: self.store.detector_params(night, b) for b in ("g", "r", "i")}
+        summary = {"night": night, "counts": counts, "targets": targets, "masters": masters,
+                   "detector": {b: ({"gain_e_per_adu": d["gain_e_per_adu"],
+                                     "rdnoise_e": d["rdnoise_e"]} if d else None)
+                                for b, d in detector.items()}}
+        out = folder / "summary.json"
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=1, default=str))
+        os.replace(tmp, out)
+        return out
 
 
 def _known(rows: list[dict], store: Store) -> list[dict]:
@@ -873,6 +901,8 @@ def run_daemon(cfg: Config, until_idle_s: float | None = None) -> int:
         engine.queue.clear()
         while engine.inflight:
             engine.collect(timeout_s=1.0)
+        if not flags.stop:
+            engine.housekeeping()  # the night is processed (--until-idle): summarise it
         sched.shutdown(wait=False)
         engine.lookup_pool.shutdown(wait=False, cancel_futures=True)
         watcher.stop()

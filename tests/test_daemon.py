@@ -147,6 +147,12 @@ def test_night_written_live_ends_with_every_frame_in_its_state_once(tmp_path):
     n_done = sum(1 for s in rows["states"].values() if s == "done")
     assert n_done == sum(1 for f in truth.frames("object") if not f["defect"])
     assert len(rows["lightcurve"]) == n_done  # one target row per measured frame
+    # end-of-night housekeeping: a summary with the night's counts, a plot per target
+    summary = json.loads(next((tmp_path / "work" / "nights").glob("*/summary.json")).read_text())
+    assert summary["counts"]["done"] == n_done
+    for target in ("PKS0235+164", "OJ287"):
+        assert Path(summary["targets"][target]["plot"]).stat().st_size > 10_000
+    assert (tmp_path / "work" / "backup" / "photd.sqlite.bak").exists()
 
 
 def test_frames_that_arrive_before_the_log_wait_then_flow_when_it_appears(tmp_path):

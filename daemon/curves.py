@@ -1,0 +1,76 @@
+"""Light curves from the store: the glue between stored rows and :mod:`daemon.lightcurve`.
+
+The store keeps every star's instrumental measurement of every frame, so a
+target's differential curve (and its comparison stars' curves, for plots) can
+be derived again at any time, by the daemon after each frame or by ``photd
+plot`` afterwards, with the same code.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from astropy.table import Table
+
+from daemon.config import Config
+from daemon.lightcurve import EnsembleInfo, derive_lightcurve
+from daemon.store import Store
+
+
+def _nan(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
+def measurement_table(store: Store, target: str, band: str) -> Table | None:
+    """Every stored per-star row of a target's done frames in one band, or None."""
+    frames = {f["id"]: f for f in store.frames(states=["done", "processing", "queued"],
+                                               band=band) if f["target"] == target}
+    rows = [r for r in store.measurements_for(target=target, band=band)
+            if r["frame_id"] in frames]
+    if not rows:
+        return None
+    scale = {}
+    for fid in frames:
+        sol = store.solution(fid)
+        scale[fid] = sol["scale_arcsec"] if sol else math.nan
+    return Table(rows=[{
+        "frame": r["frame_id"], "star_id": r["star_id"], "x_px": _nan(r["x_px"]),
+        "y_px": _nan(r["y_px"]), "mag_inst": _nan(r["mag_inst"]),
+        "mag_inst_err": _nan(r["mag_inst_err"]), "flags": r["flags"] or 0,
+        "aperture_px": _nan(r["aperture_px"]), "mjd": _nan(r["mjd_mid"]),
+        "bjd_tdb": _nan(r["bjd_tdb"]), "airmass": _nan(r["airmass"]),
+        "fwhm_arcsec": _nan(r["fwhm_px"]) * scale.get(r["frame_id"], math.nan),
+    } for r in rows])
+
+
+def derive(store: Store, catalog: Table, target: str, band: str,
+           cfg: Config) -> tuple[list[dict], EnsembleInfo] | None:
+    """The target's differential curve as store rows, and the ensemble behind it."""
+    table = measurement_table(store, target, band)
+    if table is None:
+        return None
+    lc_rows, info = derive_lightcurve(table, catalog, target=target, band=band,
+                                      cfg=cfg.photometry)
+    out = [{
+        "frame_id": int(r["frame"]), "target": target, "band": band,
+        "mjd": r["mjd"], "bjd_tdb": r["bjd_tdb"], "mag": r["mag"], "mag_err": r["mag_err"],
+        "diff_mag": r["diff_mag"], "diff_mag_err": r["diff_mag_err"], "airmass": r["airmass"],
+        "fwhm_arcsec": r["fwhm_arcsec"], "aperture_px": r["aperture_px"],
+        "flags": int(r["flags"] or 0), "ensemble_version": r["ensemble_version"],
+        "comparison": list(r["comparison_ids"])} for r in lc_rows]
+    return out, info
+
+
+def target_position(store: Store, target: str) -> tuple[float, float] | None:
+    """The pointing the log gave for a target, read back from a processed frame."""
+    from astropy.io import fits
+
+    for f in store.frames(states=["done"]):
+        if f["target"] == target and f["output"]:
+            try:
+                hdr = fits.getheader(f["output"])
+                return float(hdr["CRVAL1"]), float(hdr["CRVAL2"])
+            except (OSError, KeyError, ValueError):
+                continue
+    return None
