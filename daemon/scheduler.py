@@ -191,6 +191,7 @@ class Engine:
             self._log_for_folder(path.parent)
             if {p: m for p, (m, _) in self.logs.items()} != before:
                 self.log_changed()
+                self.prefetch()  # fetch the new targets' catalog cones before frames need them
 
     def intake_frame(self, path: Path) -> None:
         """Register a frame once it is completely written."""
