@@ -89,6 +89,35 @@ def run_demo(directory: str | None = None, *, small: bool = True, seed: int = 1,
     return _summary(root, cfg)
 
 
+def _compare_with_truth(root: Path, cfg: Path, truth, target: str) -> None:
+    """How far the measured calibrated magnitudes are from the simulator's truth."""
+    import numpy as np
+
+    from daemon.config import load_config
+    from daemon.scheduler import store_path
+    from daemon.store import Store
+
+    store = Store.open_readonly(store_path(load_config(cfg).work_dir))
+    with store:
+        rows = store.lightcurve(target)
+    fs = truth.frame_stars
+    print(f"\n{target}: measured vs. true magnitude (simulator truth)")
+    print("band  points  mean(mag - true)  rms(mag - true)  median error")
+    for band in ("g", "r", "i"):
+        diffs, errs = [], []
+        for r in rows:
+            if r["band"] != band or r["mag"] is None:
+                continue
+            sel = (fs["band"] == band) & (fs["frame"] == r["frame_number"]) & (fs["id"] == target)
+            if sel.any():
+                diffs.append(r["mag"] - float(fs["mag"][sel][0]))
+                errs.append(r["mag_err"])
+        if diffs:
+            d = np.array(diffs)
+            print(f"{band:<4}  {len(d):>6}  {d.mean():>+16.4f}  {d.std():>15.4f}  "
+                  f"{np.median(errs):>12.4f}")
+
+
 def _summary(root: Path, cfg: Path) -> int:
     from daemon.cli import main as photd
 
@@ -97,6 +126,7 @@ def _summary(root: Path, cfg: Path) -> int:
     target = TARGETS[1].name
     print(f"\n{target} (r band): differential light curve vs. the simulator's truth")
     photd(["tail", target, "--band", "r", "--config", str(cfg), "-n", "40"])
+    _compare_with_truth(root, cfg, truth, target)
     plot = root / f"{target}.png"
     photd(["plot", target, "--config", str(cfg), "-o", str(plot)])
     csv = root / f"{target}_r.csv"

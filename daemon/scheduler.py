@@ -541,8 +541,9 @@ class Engine:
     def _master_done(self, payload: tuple, result: dict) -> None:
         night, band, kind, version, id_by_output = payload
         if result.get("error"):
-            self.log.warning("master not built", stage="master", band=band, kind=kind,
-                             reason=result["reason"], error=result["error"])
+            level = "info" if result["reason"] == "dark_negligible" else "warning"
+            getattr(self.log, level)("master not built", stage="master", band=band, kind=kind,
+                                     reason=result["reason"], error=result["error"])
             return
         with self.store.transaction():
             self.store.record_calibration(night, band, kind, path=result["path"],
