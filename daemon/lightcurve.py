@@ -29,7 +29,7 @@ from astropy.time import Time
 from astropy.utils import iers
 
 from daemon.config import PhotometryConfig, SiteConfig
-from daemon.photometry import star_ids
+from daemon.photometry import EDGE, OFF_FRAME, flag_names, star_ids
 
 # Offline: the IERS tables bundled with astropy are enough for BJD to < 1 ms.
 iers.conf.auto_download = False
@@ -78,6 +78,9 @@ class EnsembleInfo:
         against another ensemble.
     rejected : dict
         Star id -> reason it was dropped (e.g. ``"variable: chi2/dof 41.2"``).
+    excluded : dict
+        Star id -> reason it was never a candidate (e.g. ``"flagged neighbour on
+        the first frame"``), for every star that failed a selection test.
     fixed : bool
         True when the list came from ``PhotometryConfig.comparison_stars``.
     colour_term : float
@@ -85,7 +88,8 @@ class EnsembleInfo:
     ensemble_mag : float
         Weighted catalog magnitude of the ensemble: ``mag = diff_mag + ensemble_mag``.
     chi2 : dict
-        Star id -> reduced chi^2 of its curve against the other comparisons.
+        Star id -> reduced chi^2 of its curve against the other comparisons
+        (NaN while fewer than 3 frames can judge it).
     curves : dict
         Star id -> list of (mjd, delta_mag, err): each comparison against the
         others, mean removed (for the plot).
@@ -94,6 +98,7 @@ class EnsembleInfo:
     comparison_ids: list[str] = field(default_factory=list)
     ensemble_version: str = ""
     rejected: dict[str, str] = field(default_factory=dict)
+    excluded: dict[str, str] = field(default_factory=dict)
     fixed: bool = False
     colour_term: float = 0.0
     ensemble_mag: float = float("nan")
@@ -188,6 +193,8 @@ def fit_colour_term(measurements: Table, catalog: Table, band: str, *,
                 continue
             yd[s] = y[s] - (w[s] * np.nan_to_num(y[s])).sum() / ws
             xd[s] = col[s] - (w[s] * np.nan_to_num(col[s])).sum() / ws
+        # A star without a catalog colour has weight 0, but 0 * NaN is NaN.
+        yd, xd = np.where(ok, yd, 0.0), np.where(ok, xd, 0.0)
         sxx = (w * xd**2).sum()
         if sxx <= 0 or ok.sum() < 5:
             return 0.0, float("inf"), 0
@@ -398,9 +405,12 @@ def derive_lightcurve(
     sidx = {s: k for k, s in enumerate(star_list)}
     M = np.full((len(star_list), nf), np.nan)
     E = np.full((len(star_list), nf), np.nan)
+    F = np.full((len(star_list), nf), -1, np.int64)  # flags; -1: no row on that frame
     dist = np.full(len(star_list), np.nan)
     tx = {fr: (x, y) for s, fr, x, y in zip(ids_all, fr_all, measurements["x_px"],
                                              measurements["y_px"], strict=True) if s == tid}
+    for k in np.flatnonzero(ids_all != tid):
+        F[sidx[ids_all[k]], fr_all[k]] = int(measurements["flags"][k])
     for k in np.flatnonzero(usable & (ids_all != tid)):
         s, fr = ids_all[k], fr_all[k]
         M[sidx[s], fr] = float(measurements["mag_inst"][k])
@@ -421,8 +431,10 @@ def derive_lightcurve(
             if s not in chosen:
                 info.rejected[s] = "not measured on any frame"
     else:
-        chosen = _candidates(M, E, cat_mag, colours, dist, star_list, cfg, info)
+        chosen = _candidates(M, E, F, cat_mag, colours, dist, star_list, band, cfg, info)
         chosen = _reject_variables(M, E, chosen, sidx, cfg, info)
+        for s in chosen[cfg.max_comparison_stars:]:
+            info.excluded[s] = f"a spare: the {cfg.max_comparison_stars} nearer ones suffice"
         chosen = chosen[: cfg.max_comparison_stars]
     info.comparison_ids = sorted(chosen)
     info.ensemble_version = ensemble_version(chosen)
@@ -431,11 +443,12 @@ def derive_lightcurve(
     Mc = M[rows_idx] if rows_idx else np.zeros((0, nf))
     # Nightly weights (fixed, so a missing star does not re-weight the others),
     # and each star's own level, so a missing star does not shift the ensemble.
-    w = 1 / np.nanmedian(Ec, axis=1) ** 2 if rows_idx else np.zeros(0)
+    w = _weights(Ec)
     level = _levels(Mc, Ec, w)
     ens, ens_err, n_in = _ensemble(Mc, Ec, w, level)
-    info.ensemble_mag = float((w * cat_mag[rows_idx]).sum() / w.sum()) if rows_idx \
+    info.ensemble_mag = float((w * cat_mag[rows_idx]).sum() / w.sum()) if w.sum() > 0 \
         else float("nan")
+    mjds = _frame_column(measurements, "mjd", fidx, nf)
     for s in chosen:
         k = sidx[s]
         others = [sidx[o] for o in chosen if o != s]
@@ -444,17 +457,18 @@ def derive_lightcurve(
         w_o = np.array([w[chosen.index(o)] for o in chosen if o != s])
         e_o, ee_o, _ = _ensemble(M[others], E[others], w_o, _levels(M[others], E[others], w_o))
         d = M[k] - e_o
+        if not np.isfinite(d).any():
+            continue  # never on a frame with the others (a fixed list, the first frames)
         d = d - np.nanmean(d)
         err = np.hypot(E[k], ee_o)
-        mjds = _frame_column(measurements, "mjd", fidx, nf)
         info.curves[s] = [(float(mjds[f]), float(d[f]), float(err[f]))
                           for f in range(nf) if np.isfinite(d[f])]
 
     # The target, frame by frame.
     t_rows = {fr_all[k]: k for k in np.flatnonzero(ids_all == tid)}
     t_col = look.get(tid, (np.nan,) * 3)[2]
-    t_col = t_col if np.isfinite(t_col) else (
-        float(np.nanmean(colours[rows_idx])) if rows_idx else 0.0)
+    known = colours[rows_idx][np.isfinite(colours[rows_idx])]
+    t_col = t_col if np.isfinite(t_col) else (float(known.mean()) if len(known) else 0.0)
     meta = {name: _frame_column(measurements, name, fidx, nf)
             for name in ("mjd", "bjd_tdb", "airmass", "fwhm_arcsec")}
     rows: list[dict] = []
@@ -493,25 +507,74 @@ def _frame_column(meas: Table, name: str, fidx: dict[int, int], nf: int) -> list
     return out
 
 
-def _candidates(M: np.ndarray, E: np.ndarray, cat_mag: np.ndarray, colours: np.ndarray,
-                dist: np.ndarray, star_list: list[str], cfg: PhotometryConfig,
-                info: EnsembleInfo) -> list[str]:
-    """Stars fit to compare with, nearest to the target first (paper 4.4)."""
-    nf = M.shape[1]
+def _candidates(M: np.ndarray, E: np.ndarray, F: np.ndarray, cat_mag: np.ndarray,
+                colours: np.ndarray, dist: np.ndarray, star_list: list[str], band: str,
+                cfg: PhotometryConfig, info: EnsembleInfo) -> list[str]:
+    """Stars fit to compare with, nearest to the target first (paper 4.4).
+
+    Every star that fails a test gets its reason in ``info.excluded``.
+    """
     present = np.isfinite(M)
-    ok = present[:, 0] & present[:, nf - 1]  # on the first and the last frame so far
-    ok &= present.mean(axis=1) >= 0.8  # clean (unflagged) on most frames
-    ok &= np.isfinite(cat_mag) & np.isfinite(colours)
     with np.errstate(all="ignore"):
         med_err = np.array([np.median(E[k][present[k]]) if present[k].any() else np.inf
                             for k in range(len(E))])
-    ok &= med_err <= cfg.comparison_max_err_mag
+    ok = np.zeros(len(star_list), bool)
+    for k, s in enumerate(star_list):
+        why = _exclusion(present[k], F[k], med_err[k], cat_mag[k], colours[k], band, cfg)
+        if why:
+            info.excluded[s] = why
+        else:
+            ok[k] = True
     idx = np.flatnonzero(ok)
     # Near the target first: the same airmass, flat-field region and seeing.
     d = np.where(np.isfinite(dist[idx]), dist[idx], np.inf)
     idx = idx[np.argsort(d, kind="stable")]
     # A few spares, so that dropping a variable leaves a full ensemble.
-    return [star_list[k] for k in idx[: cfg.max_comparison_stars + 4]]
+    n_keep = cfg.max_comparison_stars + 4
+    for k in idx[n_keep:]:
+        info.excluded[star_list[k]] = f"farther from the target than {n_keep} candidates"
+    return [star_list[k] for k in idx[:n_keep]]
+
+
+def _exclusion(present: np.ndarray, flags: np.ndarray, med_err: float, cat_mag: float,
+               colour: float, band: str, cfg: PhotometryConfig) -> str:
+    """Why a star cannot be a comparison ("" when it can)."""
+    nf = len(present)
+
+    def in_field(fr: int, which: str) -> str:
+        if flags[fr] < 0:
+            return f"not on the {which} frame"
+        if flags[fr] & (EDGE | OFF_FRAME):
+            return f"at the edge of the {which} frame"
+        return ""
+
+    if not (np.isfinite(cat_mag) and np.isfinite(colour)):
+        return f"no catalog {band} magnitude or colour"
+    # In the field on the first and the last frame so far (paper 4.4); a
+    # passing flag there (a cosmic-ray hit) only drops that one point.
+    why = in_field(0, "first") or in_field(nf - 1, "last")
+    if why:
+        return why
+    if present.mean() < 0.8:
+        seen = flags[(flags >= 0) & ~present]
+        bits = 0
+        for f in seen:
+            bits |= int(f)
+        names = "+".join(flag_names(bits)) or "unmeasured"
+        return f"clean on only {int(present.sum())} of {nf} frames ({names})"
+    if not med_err <= cfg.comparison_max_err_mag:
+        return f"median error {med_err:.3f} mag > {cfg.comparison_max_err_mag}"
+    return ""
+
+
+def _weights(E: np.ndarray) -> np.ndarray:
+    """Nightly weight of each star: 1 / its median error^2 (0 for a star never measured)."""
+    out = np.zeros(len(E))
+    for k, row in enumerate(E):
+        e = row[np.isfinite(row)]
+        if len(e) and np.median(e) > 0:
+            out[k] = 1 / float(np.median(e)) ** 2
+    return out
 
 
 def _levels(M: np.ndarray, E: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -519,6 +582,8 @@ def _levels(M: np.ndarray, E: np.ndarray, w: np.ndarray) -> np.ndarray:
     if len(M) == 0:
         return np.zeros(0)
     level = np.zeros(len(M))
+    if not w.sum() > 0:
+        return level
     for _ in range(3):
         ens, _e, _n = _ensemble(M, E, w, level)
         level = np.array([np.nanmean(M[k] - ens) if np.isfinite(M[k] - ens).any() else 0.0
@@ -534,7 +599,7 @@ def _ensemble(M: np.ndarray, E: np.ndarray, w: np.ndarray,
     if len(M) == 0:
         nan = np.full(nf, np.nan)
         return nan, nan, np.zeros(nf, int)
-    present = np.isfinite(M)
+    present = np.isfinite(M) & (w[:, None] > 0)
     W = np.where(present, w[:, None], 0.0)
     wsum = W.sum(axis=0)
     adj = np.where(present, M - level[:, None], 0.0)
@@ -555,20 +620,23 @@ def _reject_variables(M: np.ndarray, E: np.ndarray, chosen: list[str], sidx: dic
         for s in chosen:
             k = sidx[s]
             others = [sidx[o] for o in chosen if o != s]
-            w_o = 1 / np.nanmedian(E[others], axis=1) ** 2
+            w_o = _weights(E[others])
             ens, ens_err, _ = _ensemble(M[others], E[others], w_o,
                                         _levels(M[others], E[others], w_o))
             d = M[k] - ens
             err = np.hypot(E[k], ens_err)
             ok = np.isfinite(d) & np.isfinite(err)
             if ok.sum() < 3:
-                chi[s] = 0.0  # too few frames to judge yet
+                chi[s] = float("nan")  # too few frames to judge yet
                 continue
             wd = 1 / err[ok] ** 2
             mean = (wd * d[ok]).sum() / wd.sum()
             chi[s] = float((wd * (d[ok] - mean) ** 2).sum() / (ok.sum() - 1))
         info.chi2.update(chi)
-        worst = max(chosen, key=lambda s: chi[s])
+        judged = [s for s in chosen if np.isfinite(chi[s])]
+        if not judged:
+            break
+        worst = max(judged, key=lambda s: chi[s])
         if chi[worst] <= cfg.comparison_max_chi2:
             break
         info.rejected[worst] = f"variable: chi2/dof {chi[worst]:.1f} against the ensemble"

@@ -349,8 +349,9 @@ def make_sky(opts: SimOptions) -> Sky:
         if not ok.any():
             ok = (table["kind"] == "star") & (sep_arcmin > 0.3) & (sep_arcmin < 1.8)
             k = int(np.flatnonzero(ok)[0])
+            shift = table["r"][k] - 15.2  # brighten it to r = 15.2, colours kept
             for b in ("g", "r", "i", "G"):
-                table[b][k] -= table["r"][k] - 15.2
+                table[b][k] -= shift
         else:
             k = int(np.flatnonzero(ok)[np.argmin(table["r"][ok])])
         table["kind"][k] = "variable"

@@ -1,19 +1,19 @@
 """Aperture photometry against the simulator's truth.
 
-Frames are calibrated here with the TRUE bias pattern and flat and measured
-with the TRUE WCS, so these tests judge photometry alone, not the
-calibration or astrometry modules.
+Frames are calibrated here (and in the ``measured_night`` fixture of
+conftest.py) with the TRUE bias pattern and flat and measured with the TRUE
+WCS, so these tests judge photometry alone, not the calibration or
+astrometry modules.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import pytest
 from astropy.io import fits
-from astropy.table import Table, vstack
+from astropy.table import Table
 
 from daemon.photometry import (
     COLUMNS,
@@ -50,43 +50,14 @@ def measure(root: Path, truth, frame: dict, data_e: np.ndarray | None = None,
         target_name=frame["target"], **kw)
 
 
-@lru_cache(maxsize=2)
+@pytest.fixture(scope="module")
+def night(measured_night):
+    m = measured_night
+    return m.root, m.truth, m.meas, m.summaries
+
+
 def catalog(root: Path) -> Table:
     return Table.read(root / "catalog.ecsv")
-
-
-_MEASURED: dict[Path, tuple[Table, dict]] = {}
-
-
-def measured_night(root: Path, truth) -> tuple[Table, dict]:
-    """Every science frame of the night (but the double exposure, which the
-    astrometry gate rejects), measured once per test session."""
-    if root in _MEASURED:
-        return _MEASURED[root]
-    tables, summaries = [], {}
-    for band in "gri":
-        for f in truth.frames("object", band):
-            if f["defect"] == "double":
-                continue
-            tab, summ = measure(root, truth, f)
-            tab["band"] = band
-            tab["frame"] = f["number"]
-            tab["target"] = f["target"]
-            tab["defect"] = f["defect"] or "none"
-            tab["mjd"] = f["mjd_mid"]
-            tab["bjd_tdb"] = f["mjd_mid"] + 2400000.5  # placeholder; BJD is tested elsewhere
-            tab["airmass"] = f["airmass"]
-            tab["fwhm_arcsec"] = f["fwhm_arcsec"]
-            tables.append(tab)
-            summaries[(band, f["number"])] = summ
-    _MEASURED[root] = (vstack(tables), summaries)
-    return _MEASURED[root]
-
-
-@pytest.fixture(scope="module")
-def night(small_night, small_truth):
-    meas, summaries = measured_night(small_night, small_truth)
-    return small_night, small_truth, meas, summaries
 
 
 def with_truth(meas: Table, truth) -> Table:
