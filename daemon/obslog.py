@@ -349,7 +349,16 @@ def _angle(text: str, field_name: str, sexagesimal_unit: u.Unit) -> float:
             "bad_coordinate",
             f"{label} {text!r} has {part}s = {value}, must be below 60",
         ) from None
-    except RangeError:
+    except RangeError as exc:
+        # astropy says "An invalid value for 'minute' was found ('61')": a typo
+        # in one part, not a position outside the sky.
+        m = re.search(r"'(minute|second)s?' was found \('([^']+)'\)", str(exc))
+        if m:
+            raise _LineError(
+                field_name,
+                "bad_coordinate",
+                f"{label} {text!r} has {m.group(1)}s = {m.group(2)}, must be below 60",
+            ) from None
         raise _LineError(
             field_name,
             "out_of_range",

@@ -17,6 +17,7 @@ store (the main process alone writes it).
 
 from __future__ import annotations
 
+import errno
 import time
 import traceback
 from collections.abc import Iterator
@@ -181,6 +182,18 @@ def guess_wcs(header: fits.Header) -> WCS:
 # --------------------------------------------------------------------------- flows
 
 
+def _os_error(result: FrameResult, exc: OSError, limit: int) -> None:
+    """A full work disk is the daemon's problem, not the frame's: retry it later."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        # The atomic write left nothing behind; 'arrived' is taken up again by
+        # the next rescan, and intake pauses while the disk stays full.
+        result.state, result.reason, result.output = "arrived", "disk_full", None
+        result.message = f"work disk full while writing: {exc}"
+    else:
+        result.state, result.reason = "failed", type(exc).__name__
+        result.message = f"{exc}\n{traceback.format_exc(limit=limit)}"
+
+
 def process_calibration(task: FrameTask) -> FrameResult:
     """Rebuild a calibration frame's header and store the header-fixed copy."""
     from daemon.headers import write_processed
@@ -198,6 +211,8 @@ def process_calibration(task: FrameTask) -> FrameResult:
         result.output = str(out)
     except FrameRejected as exc:
         result.state, result.reason, result.message = exc.state, exc.reason, str(exc)
+    except OSError as exc:
+        _os_error(result, exc, limit=4)
     except Exception as exc:  # a bug or an unexpected file must stop this frame only
         result.state, result.reason = "failed", type(exc).__name__
         result.message = f"{exc}\n{traceback.format_exc(limit=4)}"
@@ -225,6 +240,12 @@ def process_science(task: FrameTask) -> FrameResult:
             bias = load_master(task.masters.bias)
             flat = load_master(task.masters.flat)
             dark = load_master(task.masters.dark)
+            if bias is not None and bias.shape != data.shape and not task.masters.provisional:
+                # Tonight's masters fit tonight's frames: another size is another camera
+                # (or a corrupt file), and a median-subtracted frame would measure nonsense.
+                raise FrameRejected("failed", "wrong_shape",
+                                    f"frame is {data.shape[::-1]} px (nx, ny), the "
+                                    f"{task.masters.version} masters are {bias.shape[::-1]}")
             if bias is not None and bias.shape == data.shape:
                 calibrated, mask = calibration.calibrate(
                     data, master_bias=bias, master_flat=flat, master_dark=dark,
@@ -306,6 +327,8 @@ def process_science(task: FrameTask) -> FrameResult:
                                   scale_arcsec=sol.scale_arcsec)
     except FrameRejected as exc:
         result.state, result.reason, result.message = exc.state, exc.reason, str(exc)
+    except OSError as exc:
+        _os_error(result, exc, limit=6)
     except Exception as exc:  # a bug or an unexpected file must stop this frame only
         result.state, result.reason = "failed", type(exc).__name__
         result.message = f"{exc}\n{traceback.format_exc(limit=6)}"

@@ -97,6 +97,9 @@ class Engine:
     roots: list[Path] = field(default_factory=list)
     queue: deque[int] = field(default_factory=deque)
     inflight: dict[cf.Future, tuple[str, Any]] = field(default_factory=dict)
+    # sha256 of the raw file each frame task was started on: a result for
+    # content that has since been replaced is dropped, not stored.
+    dispatched_sha: dict[cf.Future, str] = field(default_factory=dict)
     incomplete: dict[Path, _Pending] = field(default_factory=dict)
     logs: dict[Path, tuple[float, ObservingLog]] = field(default_factory=dict)
     dirty_masters: set[tuple[str, str, str]] = field(default_factory=set)
@@ -141,7 +144,7 @@ class Engine:
                 parsed = read_log(p, self.cfg.obslog)
                 for problem in parsed.problems:
                     self.log.warning("observing log problem", stage="obslog",
-                                     reason=getattr(problem, "reason", "bad_line"),
+                                     reason=problem.reason_code,
                                      error=str(problem))
                 self.logs[p] = (mtime, parsed)
                 cached = self.logs[p]
@@ -197,14 +200,14 @@ class Engine:
         """Register a frame once it is completely written."""
         if self.paused:
             return
-        comp = check_complete(path)
+        comp = check_complete(path, roots=self.roots)
         now = time.time()
         if not comp.complete:
             known = self.store.frame_by_path(str(path))
             if known and known["state"] == "failed" and known["size"] == comp.size:
                 self.incomplete.pop(path, None)
                 return  # already reported; it will be looked at again if it changes
-            if comp.reason in ("not_fits", "unreadable") and path.exists():
+            if comp.reason in ("not_fits", "unreadable", "outside_watch") and path.exists():
                 self._record_failure(path, comp.reason, f"{path.name}: {comp.message}")
                 return
             pend = self.incomplete.get(path)
@@ -218,7 +221,10 @@ class Engine:
                                      f"{self.cfg.daemon.truncated_timeout_s:.0f} s")
             return
         self.incomplete.pop(path, None)
-        st = path.stat()
+        try:
+            st = path.stat()
+        except OSError:
+            return  # deleted since the completeness check
         known = self.store.frame_by_path(str(path))
         if known and known["size"] == st.st_size and known["mtime"] == st.st_mtime \
                 and known["sha256"]:
@@ -234,8 +240,12 @@ class Engine:
         band = band_from(path, header, self.cfg, root)
         number = frame_number_from(header, path.name, self.cfg.detector.frame_number_key)
         night = night_of(header.get("DATE-OBS"), self.cfg.site.utc_offset_h, st.st_mtime)
+        try:
+            digest = sha256_of(path)
+        except OSError:
+            return  # deleted while we read it
         fid, changed = self.store.upsert_frame(
-            str(path), size=st.st_size, mtime=st.st_mtime, sha256=sha256_of(path), band=band,
+            str(path), size=st.st_size, mtime=st.st_mtime, sha256=digest, band=band,
             frame_number=number, night=night, closed_at=now)
         if changed:
             self.log.info("frame arrived", frame=str(path), band=band, stage="intake",
@@ -244,9 +254,10 @@ class Engine:
 
     def _record_failure(self, path: Path, reason: str, message: str) -> None:
         try:
-            st = path.stat()
+            outside = reason == "outside_watch"  # never read what a link points at
+            st = path.lstat() if outside else path.stat()
             size, mtime = st.st_size, st.st_mtime
-            digest = sha256_of(path)
+            digest = "" if outside else sha256_of(path)
         except OSError:
             size, mtime, digest = 0, 0.0, ""
         known = self.store.frame_by_path(str(path))
@@ -269,6 +280,19 @@ class Engine:
             return
         if frame["band"] is None:
             self.store.set_state(fid, "failed", "no_band")
+            return
+        twin = min((f for f in self.store.frames(night=frame["night"], band=frame["band"])
+                    if f["frame_number"] == frame["frame_number"] and f["id"] < fid
+                    and f["state"] != "failed"), key=lambda f: f["id"], default=None)
+        if twin is not None:
+            # Two files claim one exposure: measuring both would put it twice in
+            # the light curve (and same-named files would share one output path).
+            why = (f"duplicate_frame: frame {frame['frame_number']} of band {frame['band']} "
+                   f"is already {twin['path']}")
+            if frame["state"] != "failed" or frame["reason"] != why:
+                self.store.set_state(fid, "failed", why)
+                self.log.warning("duplicate frame number", frame=frame["path"],
+                                 stage="intake", reason="duplicate_frame", other=twin["path"])
             return
         entry, why = self.entry_for(frame)
         if entry is None:
@@ -375,6 +399,13 @@ class Engine:
 
     def _submit_masters(self) -> None:
         busy = {(p[0], p[1], p[2]) for k, p in self.inflight.values() if k == "master"}
+        # A backlog of calibration frames (after a restart, or a copied night) gives one
+        # rebuild for the whole batch instead of one per frame: wait for the batch.
+        busy |= {(p[0], p[1], p[3]) for k, p in self.inflight.values() if k == "calibration"}
+        for fid in self.queue:
+            f = self.store.frame(fid)
+            if f and f["kind"] in ("bias", "flat", "dark"):
+                busy.add((f["night"], f["band"], f["kind"]))
         for key in sorted(self.dirty_masters):
             night, band, kind = key
             if key in busy or (kind != "bias" and (night, band, "bias") in self.dirty_masters):
@@ -429,6 +460,7 @@ class Engine:
                 fut = self.pool.submit(pipeline.process_calibration, task)
                 self.inflight[fut] = ("calibration", (frame["night"], frame["band"], fid,
                                                       entry.kind))
+                self.dispatched_sha[fut] = frame["sha256"]
             else:
                 series = (frame["night"], frame["band"], entry.name)
                 if series in busy_series or self._calibration_busy(frame["night"],
@@ -458,6 +490,7 @@ class Engine:
                 task = self._science_task(fid, frame, entry, out, radec, stars)
                 fut = self.pool.submit(pipeline.process_science, task)
                 self.inflight[fut] = ("science", (frame["night"], frame["band"], series, fid))
+                self.dispatched_sha[fut] = frame["sha256"]
                 busy_series.add(series)
             self.store.set_state(fid, "processing")
         self.queue = keep
@@ -485,7 +518,17 @@ class Engine:
                           return_when=cf.FIRST_COMPLETED)
         for fut in done:
             kind, payload = self.inflight.pop(fut)
+            sha = self.dispatched_sha.pop(fut, None)
             self.last_activity = time.monotonic()
+            if kind in ("calibration", "science"):
+                fid = payload[2] if kind == "calibration" else payload[3]
+                now = self.store.frame(fid)
+                if now is None or now["sha256"] != sha:
+                    # The file changed while a worker had it: intake has reset
+                    # and re-queued the frame; this result describes old bytes.
+                    self.log.info("stale result dropped", stage=kind, reason="content_changed",
+                                  frame=now["path"] if now else fid)
+                    continue
             try:
                 result = fut.result()
             except Exception as exc:  # a worker died (OOM, segfault): fail that frame only

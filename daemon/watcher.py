@@ -29,8 +29,9 @@ class Completeness:
 
     ``complete`` is true when the file holds its whole header and data;
     ``reason`` is ``None`` then, else ``empty``, ``partial_header``,
-    ``truncated`` (shorter than its header implies), ``not_fits`` or
-    ``unreadable``. ``expected_size`` is in bytes when known.
+    ``truncated`` (shorter than its header implies), ``not_fits``,
+    ``unreadable`` or ``outside_watch`` (a link resolving out of the watched
+    folders). ``expected_size`` is in bytes when known.
     """
 
     complete: bool
@@ -68,28 +69,56 @@ def _header_cards(fh) -> tuple[dict[str, str], int] | None:
             return None
 
 
+_BITPIX = (8, 16, 32, 64, -32, -64)
+
+
 def _hdu_data_bytes(cards: dict[str, str]) -> int:
-    bitpix = abs(int(cards.get("BITPIX", "8")))
+    """Data size the cards imply, padded to whole blocks.
+
+    Raises ValueError for values no FITS writer produces: checked before
+    looping, because a hostile ``NAXIS = 1000000000`` would otherwise stall
+    the daemon's main loop for minutes.
+    """
+    bitpix = int(cards.get("BITPIX", "8"))
     naxis = int(cards.get("NAXIS", "0"))
+    if bitpix not in _BITPIX or not 0 <= naxis <= 999:
+        raise ValueError(f"BITPIX = {bitpix}, NAXIS = {naxis}")
+    bitpix = abs(bitpix)
     if naxis == 0:
         return 0
     n = 1
     for k in range(1, naxis + 1):
-        n *= int(cards.get(f"NAXIS{k}", "0"))
+        length = int(cards.get(f"NAXIS{k}", "0"))
+        if length < 0:
+            raise ValueError(f"NAXIS{k} = {length}")
+        n *= length
     pcount = int(cards.get("PCOUNT", "0") or 0)
     gcount = int(cards.get("GCOUNT", "1") or 1)
     nbytes = bitpix // 8 * gcount * (pcount + n)
     return -(-nbytes // BLOCK) * BLOCK
 
 
-def check_complete(path: str | Path) -> Completeness:
+def outside_roots(path: str | Path, roots: Iterable[str | Path]) -> bool:
+    """True if ``path``, links resolved, lies in none of ``roots`` (resolved too)."""
+    real = Path(os.path.realpath(path))
+    return not any(real.is_relative_to(os.path.realpath(r)) for r in roots)
+
+
+def check_complete(path: str | Path, roots: Iterable[str | Path] | None = None) -> Completeness:
     """Is this FITS file completely written?
 
     Walks every HDU's header and adds up the sizes the headers imply, so a
     file still being written (or cut short) is recognised without reading
-    its data.
+    its data. With ``roots`` (the watched folders), a file whose real path
+    lies outside all of them (a symbolic link out of the camera folders) is
+    refused unread as ``outside_watch``: photd reads what the cameras wrote,
+    not whatever a link in their folder points at.
     """
     path = Path(path)
+    if roots is not None and outside_roots(path, roots):
+        return Completeness(False, "outside_watch", 0,
+                            message=f"resolves to {os.path.realpath(path)}, outside the "
+                                    "watched folders")
     try:
         size = path.stat().st_size
         if size == 0:
@@ -102,18 +131,28 @@ def check_complete(path: str | Path) -> Completeness:
             fh.seek(0)
             expected = 0
             while True:
+                if expected:
+                    # After an HDU: another one only if an XTENSION card begins
+                    # here (bytes that do not are trailing padding, tolerated).
+                    start = fh.read(8)
+                    if not start or not b"XTENSION".startswith(start[:8]):
+                        break
+                    fh.seek(expected)
                 parsed = _header_cards(fh)
                 if parsed is None:
                     if expected == 0:
                         return Completeness(False, "partial_header", size,
                                             message="header incomplete (no END card yet)")
-                    break  # no further extension: the primary HDU(s) are the file
+                    # A multi-extension file being written: the primary HDU is
+                    # whole but the next header is not yet.
+                    return Completeness(False, "truncated", size, None,
+                                        f"extension header at byte {expected} is incomplete")
                 cards, hbytes = parsed
                 try:
                     expected += hbytes + _hdu_data_bytes(cards)
-                except ValueError:
+                except ValueError as exc:
                     return Completeness(False, "not_fits", size,
-                                        message="NAXIS/BITPIX cards are not integers")
+                                        message=f"NAXIS/BITPIX cards are not valid FITS: {exc}")
                 if expected >= size:
                     break
                 fh.seek(expected)
