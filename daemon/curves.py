@@ -17,6 +17,11 @@ from daemon.config import Config
 from daemon.lightcurve import EnsembleInfo, derive_lightcurve
 from daemon.store import Store
 
+#: Light-curve row flag (beyond the photometry bits): the frame was calibrated
+#: with provisional masters (an earlier night's, or none yet); it is measured
+#: again when the night's own masters are built.
+PROVISIONAL_CALIBRATION = 256
+
 
 def _nan(value: Any) -> float:
     return math.nan if value is None else float(value)
@@ -52,12 +57,16 @@ def derive(store: Store, catalog: Table, target: str, band: str,
         return None
     lc_rows, info = derive_lightcurve(table, catalog, target=target, band=band,
                                       cfg=cfg.photometry)
+    provisional = {f["id"] for f in store.frames(band=band)
+                   if (f["calib_version"] or "").startswith("provisional")}
     out = [{
         "frame_id": int(r["frame"]), "target": target, "band": band,
         "mjd": r["mjd"], "bjd_tdb": r["bjd_tdb"], "mag": r["mag"], "mag_err": r["mag_err"],
         "diff_mag": r["diff_mag"], "diff_mag_err": r["diff_mag_err"], "airmass": r["airmass"],
         "fwhm_arcsec": r["fwhm_arcsec"], "aperture_px": r["aperture_px"],
-        "flags": int(r["flags"] or 0), "ensemble_version": r["ensemble_version"],
+        "flags": int(r["flags"] or 0)
+        | (PROVISIONAL_CALIBRATION if int(r["frame"]) in provisional else 0),
+        "ensemble_version": r["ensemble_version"],
         "comparison": list(r["comparison_ids"])} for r in lc_rows]
     return out, info
 

@@ -381,7 +381,8 @@ class Engine:
             bias=chosen["bias"]["path"] if chosen["bias"] else None,
             flat=chosen["flat"]["path"] if chosen["flat"] else None,
             dark=chosen["dark"]["path"] if chosen["dark"] else None,
-            version=", ".join(parts) if parts else "uncalibrated",
+            version=("provisional: " if provisional else "")
+            + (", ".join(parts) if parts else "uncalibrated"),
             provisional=provisional)
 
     def _calibration_busy(self, night: str, band: str) -> bool:
@@ -489,7 +490,8 @@ class Engine:
                     continue
                 task = self._science_task(fid, frame, entry, out, radec, stars)
                 fut = self.pool.submit(pipeline.process_science, task)
-                self.inflight[fut] = ("science", (frame["night"], frame["band"], series, fid))
+                self.inflight[fut] = ("science", (frame["night"], frame["band"], series, fid,
+                                                  task.masters.version))
                 self.dispatched_sha[fut] = frame["sha256"]
                 busy_series.add(series)
             self.store.set_state(fid, "processing")
@@ -622,14 +624,15 @@ class Engine:
                 self.queue.append(f["id"])
 
     def _science_done(self, payload: tuple, result: FrameResult) -> None:
-        night, band, series, fid = payload
+        night, band, series, fid, calib_version = payload
         frame = self.store.frame(fid)
-        masters = self.choose_masters(night, band)
+        # the masters the worker was given, not today's newest: a frame measured
+        # with older ones must look stale so that it is measured again
         fields = {"timings": result.timings, "output": result.output,
-                  "calib_version": masters.version}
+                  "calib_version": calib_version}
         if result.state == "done":
             target = series[2]
-            rows = [dict(m, calib_version=masters.version) for m in result.measurements]
+            rows = [dict(m, calib_version=calib_version) for m in result.measurements]
             with self.store.transaction():
                 self.store.finish_frame(fid, measurements=_known(rows, self.store),
                                         zeropoint=result.zeropoint, solution=result.solution,

@@ -153,6 +153,16 @@ def test_night_written_live_ends_with_every_frame_in_its_state_once(tmp_path):
     for target in ("PKS0235+164", "OJ287"):
         assert Path(summary["targets"][target]["plot"]).stat().st_size > 10_000
     assert (tmp_path / "work" / "backup" / "photd.sqlite.bak").exists()
+    # the export contract, through the command line an observer uses
+    out = subprocess.run([sys.executable, "-m", "daemon.cli", "export", "OJ287", "--band", "r",
+                          "--format", "csv", "--config", str(cfg)], capture_output=True,
+                         text=True, timeout=60)
+    lines = out.stdout.splitlines()
+    assert lines[0] == ("target,band,frame,mjd,bjd_tdb,mag,mag_err,diff_mag,diff_mag_err,"
+                        "airmass,fwhm_arcsec,aperture_px,flags")
+    good = [f["number"] for f in truth.frames("object", "r")
+            if f["target"] == "OJ287" and not f["defect"]]
+    assert sorted(int(line.split(",")[2]) for line in lines[1:]) == good
 
 
 def test_frames_that_arrive_before_the_log_wait_then_flow_when_it_appears(tmp_path):
@@ -289,5 +299,40 @@ def test_dawn_flats_remeasure_provisional_frames_without_duplicates(tmp_path):
         dup = con.execute("SELECT frame_id, star_id, COUNT(*) c FROM measurements "
                           "GROUP BY frame_id, star_id HAVING c > 1").fetchall()
         assert dup == []
+    finally:
+        con.close()
+
+
+def test_night_without_calibrations_uses_the_previous_nights_masters_flagged(tmp_path):
+    first = SimOptions(seed=12, small=True, science_per_target=1, n_bias=3, n_flat=3,
+                       n_dark=0, night="2016-11-01")
+    second = SimOptions(seed=12, small=True, science_per_target=2, n_bias=0, n_flat=0,
+                        n_dark=0, night="2016-11-02")
+    simulate_night(tmp_path / "n1", first)
+    simulate_night(tmp_path / "n2", second)
+    cfg = _config(tmp_path, tmp_path / "n1")
+    text = cfg.read_text().replace(
+        f"watch = [{str(tmp_path / 'n1' / 'raw')!r}]",
+        f"watch = [{str(tmp_path / 'n1' / 'raw')!r}, {str(tmp_path / 'n2' / 'raw')!r}]")
+    cfg.write_text(text)
+    err = _wait(_photd("run", "--config", str(cfg), "--until-idle", "5"), 600)
+    assert "Traceback" not in err, err[-2000:]
+    con = sqlite3.connect(tmp_path / "work" / "photd.sqlite")
+    try:
+        rows = con.execute("SELECT night, state, calib_version, id FROM frames "
+                           "WHERE kind='object'").fetchall()
+        second_night = [r for r in rows if r[0] == "2016-11-02"]
+        assert len(second_night) == 2 * 2 * 3
+        for _night, state, version, fid in second_night:
+            if state != "done":
+                continue
+            assert version.startswith("provisional: bias 2016-11-01"), version
+            assert "flat 2016-11-01" in version
+            flags = con.execute("SELECT flags FROM lightcurve WHERE frame_id=?",
+                                (fid,)).fetchone()[0]
+            assert flags & 256  # the light-curve point says it is provisional
+        assert sum(r[1] == "done" for r in second_night) >= 6
+        first_night = [r for r in rows if r[0] == "2016-11-01" and r[1] == "done"]
+        assert first_night and all(not r[2].startswith("provisional") for r in first_night)
     finally:
         con.close()
