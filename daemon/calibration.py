@@ -46,7 +46,7 @@ CALIBRATION_KINDS = ("bias", "dark", "flat")
 
 # Bytes of working memory per float32 value of the stack: the stack itself,
 # ccdproc's CCDData copies and mask, and the sort/deviation copies that the
-# median-based sigma clipping makes (measured peak ~5x; keep a margin).
+# median-based sigma clipping makes (measured ~3.6x the stack; keep a margin).
 _BYTES_PER_STACK_VALUE = 4 * 7
 
 

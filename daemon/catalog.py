@@ -35,6 +35,7 @@ __all__ = [
     "CatalogSource",
     "CatalogUnavailable",
     "COLUMNS",
+    "catalog_from_sources",
     "cone",
     "normalise_catalog",
     "propagate_pm",
@@ -530,6 +531,42 @@ def _empty() -> Table:
     out["id"] = np.zeros(0, dtype="U24")
     for key in COLUMNS[1:]:
         out[key] = np.zeros(0)
+    return out
+
+
+def catalog_from_sources(sources: Table, wcs, *, band: str, max_stars: int = 80) -> Table:
+    """A stand-in catalog made from one frame's own detections (no survey covers the field).
+
+    The stars are the frame's brightest isolated, unsaturated, star-like
+    detections, placed on the sky by ``wcs``; ids are ``R<band>-<n>`` (``n``
+    by brightness) and the magnitude columns are NaN: the stars serve as
+    positions to measure and as comparison stars, never as a zero point.
+
+    Parameters
+    ----------
+    sources : astropy.table.Table
+        :func:`daemon.astrometry.detect_sources` rows (``x``, ``y``, brightest
+        first; ``sharp``, ``saturated``, ``isolated`` when present).
+    wcs : astropy.wcs.WCS
+        The frame's WCS (for a field without catalog: the header's guess).
+    band : str
+        The camera's band, part of the ids.
+    max_stars : int
+        Keep at most this many.
+    """
+    ok = np.ones(len(sources), bool)
+    for col, want in (("sharp", False), ("saturated", False), ("isolated", True)):
+        if col in sources.colnames:
+            ok &= np.asarray(sources[col], bool) == want
+    if "flux" in sources.colnames:
+        ok &= np.asarray(sources["flux"], float) > 0
+    rows = sources[ok][:max_stars]
+    ra, dec = wcs.all_pix2world(np.asarray(rows["x"], float), np.asarray(rows["y"], float), 0)
+    out = Table({"id": [f"R{band}-{k + 1:03d}" for k in range(len(rows))]}, dtype=["U24"])
+    out["ra"] = np.asarray(ra, float)
+    out["dec"] = np.asarray(dec, float)
+    for key in COLUMNS[3:]:
+        out[key] = np.full(len(rows), np.nan)
     return out
 
 

@@ -20,7 +20,13 @@ from daemon.store import Store
 #: Light-curve row flag (beyond the photometry bits): the frame was calibrated
 #: with provisional masters (an earlier night's, or none yet); it is measured
 #: again when the night's own masters are built.
-PROVISIONAL_CALIBRATION = 256
+PROVISIONAL_CALIBRATION = 1024
+#: Light-curve row flag: no catalog covers the field, so the frame's WCS is
+#: relative (registered to the series' first frame, absolute position off by
+#: the pointing error), the target is the source nearest the log's coordinates
+#: on that frame, and there is no zero point (``mag`` is NaN; ``diff_mag`` is
+#: instrumental). Measured again against the catalog once one covers the field.
+RELATIVE_WCS = 512
 
 
 def _nan(value: Any) -> float:
@@ -49,14 +55,54 @@ def measurement_table(store: Store, target: str, band: str) -> Table | None:
     } for r in rows])
 
 
-def derive(store: Store, catalog: Table, target: str, band: str,
+def relative_frames(store: Store, frame_ids: Any) -> tuple[dict[int, str], str | None]:
+    """Frames measured in a relative WCS -> their reference's id, and the newest reference.
+
+    The newest reference is the one a stored reference frame carries (see
+    :func:`daemon.pipeline.relative_reference`); None when none is stored.
+    """
+    out: dict[int, str] = {}
+    current = None
+    for fid in sorted({int(f) for f in frame_ids}):
+        sol = store.solution(fid)
+        if not sol or not sol["relative"]:
+            continue
+        header = sol["header"] or {}
+        out[fid] = str(header.get("RELREFID"))
+        if "relative_reference" in header:
+            current = out[fid]
+    return out, current
+
+
+def derive(store: Store, catalog: Table | None, target: str, band: str,
            cfg: Config) -> tuple[list[dict], EnsembleInfo] | None:
-    """The target's differential curve as store rows, and the ensemble behind it."""
+    """The target's differential curve as store rows, and the ensemble behind it.
+
+    One curve never mixes star lists: while frames of a field measured against
+    the catalog exist, frames measured in a relative WCS (waiting to be measured
+    again) are left out; a field without catalog uses the frames registered to
+    its current reference frame.
+    """
+    import numpy as np
+
     table = measurement_table(store, target, band)
     if table is None:
         return None
+    relative, current = relative_frames(store, table["frame"])
+    absolute = set(int(f) for f in table["frame"]) - set(relative)
+    is_relative = not (absolute and catalog is not None and len(catalog))
+    if is_relative:
+        if current is None and relative:  # the reference frame's row is gone: the commonest
+            ids = list(relative.values())
+            current = max(set(ids), key=ids.count)
+        keep = [f for f, ref in relative.items() if ref == current]
+    else:
+        keep = sorted(absolute)
+    if not keep:
+        return None
+    table = table[np.isin(np.asarray(table["frame"], int), keep)]
     lc_rows, info = derive_lightcurve(table, catalog, target=target, band=band,
-                                      cfg=cfg.photometry)
+                                      cfg=cfg.photometry, relative=is_relative)
     provisional = {f["id"] for f in store.frames(band=band)
                    if (f["calib_version"] or "").startswith("provisional")}
     out = [{
@@ -65,9 +111,11 @@ def derive(store: Store, catalog: Table, target: str, band: str,
         "diff_mag": r["diff_mag"], "diff_mag_err": r["diff_mag_err"], "airmass": r["airmass"],
         "fwhm_arcsec": r["fwhm_arcsec"], "aperture_px": r["aperture_px"],
         "flags": int(r["flags"] or 0)
-        | (PROVISIONAL_CALIBRATION if int(r["frame"]) in provisional else 0),
+        | (PROVISIONAL_CALIBRATION if int(r["frame"]) in provisional else 0)
+        | (RELATIVE_WCS if is_relative else 0),
         "ensemble_version": r["ensemble_version"],
-        "comparison": list(r["comparison_ids"])} for r in lc_rows]
+        # comparison_ids is "a;b;c": list() of it would store single characters
+        "comparison": [c for c in str(r["comparison_ids"]).split(";") if c]} for r in lc_rows]
     return out, info
 
 

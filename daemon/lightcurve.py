@@ -351,6 +351,7 @@ def derive_lightcurve(
     cfg: PhotometryConfig | None = None,
     colour_term: float | None = None,
     target_id: str | None = None,
+    relative: bool = False,
 ) -> tuple[list[dict], EnsembleInfo]:
     """The target's differential light curve from every frame measured so far.
 
@@ -373,6 +374,12 @@ def derive_lightcurve(
         Nightly colour term; fitted from ``measurements`` when omitted.
     target_id : str, optional
         ``star_id`` of the target rows (default: ``target``).
+    relative : bool
+        No catalog covers the field (every frame registered to a reference
+        frame, stars ``R<band>-<n>`` without catalog magnitudes): comparisons
+        are chosen without catalog magnitudes or colours, no colour term is
+        applied, ``diff_mag`` is target - ensemble in instrumental magnitudes
+        and ``mag``, ``mag_err`` are NaN. ``catalog`` may then be None.
 
     Returns
     -------
@@ -387,7 +394,9 @@ def derive_lightcurve(
     """
     cfg = cfg or PhotometryConfig()
     tid = target_id or target
-    look = _catalog_lookup(catalog, band)
+    look = {} if relative or catalog is None else _catalog_lookup(catalog, band)
+    if relative or catalog is None:
+        colour_term = 0.0  # no colours to correct with
     if colour_term is None:
         c, _c_err, n_c = fit_colour_term(measurements, catalog, band, exclude=(tid,))
         colour_term = c if n_c >= 10 else 0.0
@@ -431,7 +440,8 @@ def derive_lightcurve(
             if s not in chosen:
                 info.rejected[s] = "not measured on any frame"
     else:
-        chosen = _candidates(M, E, F, cat_mag, colours, dist, star_list, band, cfg, info)
+        chosen = _candidates(M, E, F, cat_mag, colours, dist, star_list, band, cfg, info,
+                             need_catalog=not relative)
         chosen = _reject_variables(M, E, chosen, sidx, cfg, info)
         for s in chosen[cfg.max_comparison_stars:]:
             info.excluded[s] = f"a spare: the {cfg.max_comparison_stars} nearer ones suffice"
@@ -489,7 +499,8 @@ def derive_lightcurve(
         rows.append({
             "frame": int(frames[fr]), "target": target, "band": band,
             "mjd": meta["mjd"][fr], "bjd_tdb": meta["bjd_tdb"][fr],
-            "mag": float(diff + info.ensemble_mag), "mag_err": float(diff_err),
+            "mag": float(diff + info.ensemble_mag),
+            "mag_err": float("nan") if relative else float(diff_err),
             "diff_mag": float(diff), "diff_mag_err": float(diff_err),
             "airmass": meta["airmass"][fr], "fwhm_arcsec": meta["fwhm_arcsec"][fr],
             "aperture_px": ap, "flags": flags,
@@ -509,10 +520,13 @@ def _frame_column(meas: Table, name: str, fidx: dict[int, int], nf: int) -> list
 
 def _candidates(M: np.ndarray, E: np.ndarray, F: np.ndarray, cat_mag: np.ndarray,
                 colours: np.ndarray, dist: np.ndarray, star_list: list[str], band: str,
-                cfg: PhotometryConfig, info: EnsembleInfo) -> list[str]:
+                cfg: PhotometryConfig, info: EnsembleInfo, *,
+                need_catalog: bool = True) -> list[str]:
     """Stars fit to compare with, nearest to the target first (paper 4.4).
 
     Every star that fails a test gets its reason in ``info.excluded``.
+    ``need_catalog=False`` (a field without catalog) accepts stars that have no
+    catalog magnitude or colour.
     """
     present = np.isfinite(M)
     with np.errstate(all="ignore"):
@@ -520,7 +534,8 @@ def _candidates(M: np.ndarray, E: np.ndarray, F: np.ndarray, cat_mag: np.ndarray
                             for k in range(len(E))])
     ok = np.zeros(len(star_list), bool)
     for k, s in enumerate(star_list):
-        why = _exclusion(present[k], F[k], med_err[k], cat_mag[k], colours[k], band, cfg)
+        why = _exclusion(present[k], F[k], med_err[k], cat_mag[k], colours[k], band, cfg,
+                         need_catalog)
         if why:
             info.excluded[s] = why
         else:
@@ -537,7 +552,8 @@ def _candidates(M: np.ndarray, E: np.ndarray, F: np.ndarray, cat_mag: np.ndarray
 
 
 def _exclusion(present: np.ndarray, flags: np.ndarray, med_err: float, cat_mag: float,
-               colour: float, band: str, cfg: PhotometryConfig) -> str:
+               colour: float, band: str, cfg: PhotometryConfig,
+               need_catalog: bool = True) -> str:
     """Why a star cannot be a comparison ("" when it can)."""
     nf = len(present)
 
@@ -548,7 +564,7 @@ def _exclusion(present: np.ndarray, flags: np.ndarray, med_err: float, cat_mag: 
             return f"at the edge of the {which} frame"
         return ""
 
-    if not (np.isfinite(cat_mag) and np.isfinite(colour)):
+    if need_catalog and not (np.isfinite(cat_mag) and np.isfinite(colour)):
         return f"no catalog {band} magnitude or colour"
     # In the field on the first and the last frame so far (paper 4.4); a
     # passing flag there (a cosmic-ray hit) only drops that one point.

@@ -134,14 +134,14 @@ class LogEntry:
     def fingerprint(self) -> str:
         """A short digest of what the line says about its frames.
 
-        Line number and file are left out on purpose: a comment inserted
-        above the line, or the log being copied elsewhere, does not change
-        what the frames are, so it must not trigger re-processing.
+        Line number, file and the frame range are left out on purpose: a
+        comment inserted above the line, the log being copied elsewhere, or a
+        line whose end grows as the night goes on (``5,5`` then ``5,7``) does
+        not change what a frame it covers is, so it must not trigger
+        re-processing.
         """
         text = "\x1f".join(
             [
-                str(self.start),
-                str(self.end),
                 self.name,
                 self.kind,
                 self.flat_type,
@@ -575,7 +575,8 @@ def _overlap_problem(entry: LogEntry, other: LogEntry) -> LogProblem:
     where = f"line {other.line_no}"
     if not same_file:
         where = f"{Path(other.source).name} {where}"
-    if entry.fingerprint() == other.fingerprint():
+    same_range = (entry.start, entry.end) == (other.start, other.end)
+    if same_range and entry.fingerprint() == other.fingerprint():
         return LogProblem(
             entry.source,
             entry.line_no,

@@ -37,6 +37,12 @@ from daemon.config import Config
 from daemon.obslog import LogEntry
 
 SCIENCE_STEPS = ("read", "headers", "calibrate", "detect", "solve", "write", "photometry")
+
+#: ``solutions.relative``: 0 solved against the catalog; 1 registered to the
+#: series' reference frame (no catalog covers the field); 2 the reference frame
+#: itself (its solution header holds the reference under ``relative_reference``).
+RELATIVE_REGISTERED = 1
+RELATIVE_REFERENCE = 2
 CALIBRATION_STEPS = ("read", "headers", "write")
 
 
@@ -77,6 +83,10 @@ class FrameTask:
     rdnoise_e: float | None = None
     target_radec: tuple[float, float] | None = None
     stars: Table | None = None  # reference stars around the pointing (catalog cone)
+    # No catalog covers the field: register to the series' reference frame instead
+    # (``reference`` None: this frame becomes the reference; see relative_reference).
+    relative: bool = False
+    reference: dict[str, Any] | None = None
 
 
 @dataclass
@@ -179,6 +189,97 @@ def guess_wcs(header: fits.Header) -> WCS:
     return WCS(header, naxis=2)
 
 
+#: Reference detections kept for registering later frames (brightest first).
+_REFERENCE_SOURCES = 300
+#: Stars of a relative series' star list (bright, unsaturated, isolated).
+_REFERENCE_STARS = 80
+
+
+def relative_reference(sources: Table, guess: WCS, *, band: str, frame_id: int,
+                       frame_number: int, target_radec: tuple[float, float],
+                       fwhm_px: float, cfg: Any) -> dict[str, Any]:
+    """Make a frame the reference of its series when no catalog covers the field.
+
+    Its WCS is the header's guess (log pointing, configured scale and rotation):
+    right in scale and rotation to the configuration's accuracy, off in absolute
+    position by the telescope's pointing error, hence "relative". Its own
+    detections become the star list (:func:`daemon.catalog.catalog_from_sources`).
+
+    The target cannot be told from a field star without a catalog; it is taken
+    to be the detection nearest to where the header puts the log's coordinates.
+    That is right when the pointing error is smaller than the distance from the
+    target to its nearest detected neighbour; ``target_sep_arcsec`` (how far
+    the chosen source is from the predicted place) and ``runner_up_arcsec``
+    (how far the next one is) are kept as the evidence.
+
+    Returns a JSON-able dict: ``id`` (hash of the content), ``frame_id``,
+    ``frame_number``, ``wcs`` (header cards), ``sources`` (columns ``x``, ``y``,
+    ``flux``), ``stars`` (columns ``id``, ``ra``, ``dec``), ``target_radec``
+    (where the target is measured, in this relative WCS), ``target_sep_arcsec``
+    and ``runner_up_arcsec`` (NaN when there is none).
+    """
+    import hashlib
+    import json
+
+    from daemon import astrometry
+    from daemon.catalog import catalog_from_sources
+
+    astrometry.check_sources(sources, fwhm_px, cfg)  # clouds, a double exposure, trailing
+    usable = sources[~np.asarray(sources["sharp"], bool) & ~np.asarray(sources["saturated"], bool)]
+    if len(usable) < 2 * cfg.min_matches:
+        raise astrometry.BadFit("too_few_sources",
+                                f"{len(usable)} star-like sources: too few for the reference "
+                                f"frame of a field without a catalog (need {2 * cfg.min_matches})")
+    usable = usable[:_REFERENCE_SOURCES]
+    stars = catalog_from_sources(usable, guess, band=band, max_stars=_REFERENCE_STARS)
+    # The target: the detection nearest to the log's coordinates through the guess.
+    tx, ty = guess.all_world2pix([target_radec[0]], [target_radec[1]], 0)
+    scale = astrometry.wcs_scale_arcsec(guess)
+    d = np.hypot(np.asarray(usable["x"], float) - tx[0],
+                 np.asarray(usable["y"], float) - ty[0]) * scale
+    order = np.argsort(d)
+    sep = float(d[order[0]])
+    runner_up = float(d[order[1]]) if len(order) > 1 else float("nan")
+    if sep <= cfg.max_offset_arcmin * 60.0:
+        k = int(order[0])
+        ra, dec = guess.all_pix2world([usable["x"][k]], [usable["y"][k]], 0)
+        measure_at = (float(ra[0]), float(dec[0]))
+    else:
+        measure_at = (float(target_radec[0]), float(target_radec[1]))
+    ref: dict[str, Any] = {
+        "frame_id": int(frame_id), "frame_number": int(frame_number),
+        "wcs": {k: _plain(v) for k, v in guess.to_header(relax=True).items()},
+        "sources": {c: [_plain(v) for v in usable[c]] for c in ("x", "y", "flux")},
+        "stars": {"id": [str(v) for v in stars["id"]],
+                  "ra": [float(v) for v in stars["ra"]],
+                  "dec": [float(v) for v in stars["dec"]]},
+        "target_radec": list(measure_at), "target_sep_arcsec": sep,
+        "runner_up_arcsec": runner_up}
+    ref["id"] = hashlib.sha1(json.dumps(ref, sort_keys=True).encode()).hexdigest()[:12]
+    return ref
+
+
+def register_relative(sources: Table, reference: dict[str, Any], *, shape: tuple[int, int],
+                      fwhm_px: float, cfg: Any) -> Any:
+    """A frame's WCS in its series' relative system (registered to the reference frame)."""
+    from daemon import astrometry
+
+    ref_wcs = WCS(fits.Header(reference["wcs"]), naxis=2)
+    ref_sources = Table(reference["sources"])
+    ref_sources["sharp"] = np.zeros(len(ref_sources), bool)
+    ref_sources["saturated"] = np.zeros(len(ref_sources), bool)
+    return astrometry.relative_solution(sources, ref_sources, ref_wcs, shape=shape, cfg=cfg,
+                                        fwhm_px=fwhm_px)
+
+
+def reference_stars(reference: dict[str, Any]) -> Table:
+    """The star list of a relative series: ``id``, ``ra``, ``dec`` and no magnitudes."""
+    stars = Table(reference["stars"])
+    for band in ("g", "r", "i"):
+        stars[band] = np.full(len(stars), np.nan)
+    return stars
+
+
 # --------------------------------------------------------------------------- flows
 
 
@@ -265,7 +366,7 @@ def process_science(task: FrameTask) -> FrameResult:
                                 f"{task.entry.name!r} and the name could not be resolved")
         ra0 = task.entry.ra_deg if task.entry.ra_deg is not None else task.target_radec[0]
         dec0 = task.entry.dec_deg if task.entry.dec_deg is not None else task.target_radec[1]
-        if task.stars is None or len(task.stars) == 0:
+        if (task.stars is None or len(task.stars) == 0) and not task.relative:
             raise FrameRejected("waiting_catalog", "catalog_unavailable",
                                 "no reference stars for this field (no local catalog, "
                                 "nothing cached)")
@@ -274,23 +375,59 @@ def process_science(task: FrameTask) -> FrameResult:
             sources, bg_rms, fwhm_px = astrometry.detect_sources(
                 calibrated, mask, detect_sigma=cfg.astrometry.detect_sigma,
                 saturation=cam.saturation_adu)
+        reference = task.reference
         with _step(t, "solve"):
             stars = task.stars
             try:
-                sol = astrometry.solve(sources, stars, guess=guess_wcs(header),
-                                       shape=calibrated.shape, cfg=cfg.astrometry)
+                if not task.relative:
+                    sol = astrometry.solve(sources, stars, guess=guess_wcs(header),
+                                           shape=calibrated.shape, cfg=cfg.astrometry)
+                elif reference is None:  # the series' first frame: the others follow it
+                    guess = guess_wcs(header)
+                    reference = relative_reference(
+                        sources, guess, band=task.band, frame_id=task.frame_id,
+                        frame_number=task.frame_number,
+                        target_radec=task.target_radec or (ra0, dec0), fwhm_px=float(fwhm_px),
+                        cfg=cfg.astrometry)
+                    sol = astrometry.Solution(
+                        wcs=guess, n_matches=len(reference["sources"]["x"]),
+                        rms_arcsec=float("nan"), scale_arcsec=astrometry.wcs_scale_arcsec(guess),
+                        rotation_deg=astrometry.wcs_rotation_deg(guess), offset_arcsec=0.0,
+                        matches=Table(), relative=True)
+                else:
+                    sol = register_relative(sources, reference, shape=calibrated.shape,
+                                            fwhm_px=float(fwhm_px), cfg=cfg.astrometry)
             except astrometry.BadFit as exc:
                 raise FrameRejected("badfit", exc.reason, str(exc)) from exc
+            if task.relative:
+                stars = reference_stars(reference)
         header.update(sol.wcs.to_header(relax=True))
-        header["NMATCH"] = (sol.n_matches, "catalog stars matched")
-        header["WCSRMS"] = (round(sol.rms_arcsec, 4), "[arcsec] WCS fit residual")
+        header["NMATCH"] = (sol.n_matches, "reference frame sources matched" if task.relative
+                            else "catalog stars matched")
+        if np.isfinite(sol.rms_arcsec):
+            header["WCSRMS"] = (round(sol.rms_arcsec, 4), "[arcsec] WCS fit residual")
         header["FWHM"] = (round(float(fwhm_px), 3), "[px] median FWHM of stars")
-        history.append(f"WCS: {sol.n_matches} matches, rms {sol.rms_arcsec:.3f} arcsec")
+        wcs_cards = {k: header[k] for k in sol.wcs.to_header(relax=True)}
+        if task.relative:
+            # No catalog: positions are relative to the reference frame's header guess,
+            # whose absolute error is the telescope's pointing error.
+            header["WCSREL"] = (True, "WCS relative: no catalog, pointing-error offset")
+            header["WCSREF"] = (reference["frame_number"], "frame the WCS is registered to")
+            history.append(f"relative WCS: registered to frame {reference['frame_number']} "
+                           f"({sol.n_matches} sources), no catalog for this field")
+            wcs_cards.update(WCSREL=True, RELREFID=reference["id"])
+        else:
+            history.append(f"WCS: {sol.n_matches} matches, rms {sol.rms_arcsec:.3f} arcsec")
+        is_reference = task.relative and reference["frame_id"] == task.frame_id
+        if is_reference:
+            wcs_cards["relative_reference"] = reference  # kept in the store with the frame
         result.solution = {"n_sources": len(sources), "n_matches": sol.n_matches,
-                           "rms_arcsec": sol.rms_arcsec, "scale_arcsec": sol.scale_arcsec,
+                           "rms_arcsec": sol.rms_arcsec if np.isfinite(sol.rms_arcsec) else None,
+                           "scale_arcsec": sol.scale_arcsec,
                            "rotation_deg": sol.rotation_deg, "fwhm_px": float(fwhm_px),
-                           "relative": 0,
-                           "header": {k: header[k] for k in sol.wcs.to_header(relax=True)}}
+                           "relative": RELATIVE_REFERENCE if is_reference
+                           else RELATIVE_REGISTERED if task.relative else 0,
+                           "header": wcs_cards}
         with _step(t, "write"):
             for line in history:
                 header.add_history(f"photd {__version__}: {line}")
@@ -305,9 +442,11 @@ def process_science(task: FrameTask) -> FrameResult:
             gain = task.gain_e_per_adu or 1.0
             rdnoise = task.rdnoise_e or 0.0
             target = task.target_radec or (ra0, dec0)
+            # relative: where the reference frame's source taken for the target is
+            measure_at = tuple(reference["target_radec"]) if task.relative else target
             table, summary = photometry.measure_frame(
                 calibrated * np.float32(gain), wcs=sol.wcs, stars=stars,
-                target_radec=target, target_name=task.entry.name, fwhm_px=float(fwhm_px),
+                target_radec=measure_at, target_name=task.entry.name, fwhm_px=float(fwhm_px),
                 exptime_s=exptime_s, gain_e_per_adu=gain, rdnoise_e=rdnoise, mask=mask,
                 cfg=cfg.photometry)
             zp = lightcurve.zero_point(table, stars, task.band, exclude=(task.entry.name,))
@@ -315,8 +454,9 @@ def process_science(task: FrameTask) -> FrameResult:
             mjd_mid, bjd_tdb = lightcurve.times(header["DATE-OBS"], exptime_s, target[0],
                                                 target[1], cfg.site)
             airmass = header.get("AIRMASS")
-            result.zeropoint = {"zp": zp.zp, "zp_err": zp.zp_err, "n_stars": zp.n_stars,
-                                "scatter": zp.scatter, "colour_term": zp.colour_term}
+            result.zeropoint = None if task.relative else {
+                "zp": zp.zp, "zp_err": zp.zp_err, "n_stars": zp.n_stars,
+                "scatter": zp.scatter, "colour_term": zp.colour_term}
             result.measurements = [
                 {**{k: _plain(row[k]) for k in table.colnames}, "target": task.entry.name,
                  "band": task.band, "mjd_mid": mjd_mid, "bjd_tdb": bjd_tdb,

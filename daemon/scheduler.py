@@ -18,7 +18,7 @@ import signal
 import socket
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +109,12 @@ class Engine:
     lookups: dict[tuple, cf.Future] = field(default_factory=dict)
     lookup_pool: cf.ThreadPoolExecutor = field(
         default_factory=lambda: cf.ThreadPoolExecutor(1, thread_name_prefix="catalog"))
+    # Fields without catalog: (night, band, target) -> the reference frame's record
+    # (daemon.pipeline.relative_reference), and the series measured that way.
+    references: dict[tuple[str, str, str], dict] = field(default_factory=dict)
+    relative_series: set[tuple[str, str, str]] = field(default_factory=set)
     paused: bool = False
+    logs_dirty: bool = False
     pool_broken: bool = False
     last_activity: float = field(default_factory=time.monotonic)
 
@@ -148,6 +153,9 @@ class Engine:
                                      error=str(problem))
                 self.logs[p] = (mtime, parsed)
                 cached = self.logs[p]
+                # Whoever read it first (a frame's lookup or the log's own event), the
+                # frames already waiting must be looked at again: the main loop does it.
+                self.logs_dirty = True
             out.append(cached[1])
         return out
 
@@ -177,6 +185,8 @@ class Engine:
         for frame in self.store.frames(states=["waiting_log"]):
             self.classify(frame["id"])
         for frame in self.store.frames(states=["done", "badfit", "calibration"]):
+            if self._root_of(Path(frame["path"])) is None:
+                continue  # from a folder no longer watched: its log is not ours to judge
             entry, _ = self.entry_for(frame)
             fp = entry.fingerprint() if entry is not None else None
             if fp != frame["log_fingerprint"]:
@@ -190,11 +200,15 @@ class Engine:
         if is_frame_name(path):
             self.intake_frame(path)
         elif path.suffix.lower() in LOG_SUFFIXES and path.is_file():
-            before = {p: m for p, (m, _) in self.logs.items()}
             self._log_for_folder(path.parent)
-            if {p: m for p, (m, _) in self.logs.items()} != before:
-                self.log_changed()
-                self.prefetch()  # fetch the new targets' catalog cones before frames need them
+        self.release_if_logs_changed()
+
+    def release_if_logs_changed(self) -> None:
+        """After any log was (re)read: release waiting frames, prefetch new targets."""
+        if self.logs_dirty:
+            self.logs_dirty = False
+            self.log_changed()
+            self.prefetch()  # fetch the new targets' catalog cones before frames need them
 
     def intake_frame(self, path: Path) -> None:
         """Register a frame once it is completely written."""
@@ -305,7 +319,12 @@ class Engine:
                              log_source=entry.source, log_line=entry.line_no,
                              log_fingerprint=entry.fingerprint())
         if fid not in self.queue:
-            self.queue.append(fid)
+            # Calibration frames go first: every science frame of their band waits
+            # for the masters they build.
+            if entry.is_calibration:
+                self.queue.appendleft(fid)
+            else:
+                self.queue.append(fid)
 
     # ------------------------------------------------------------------ catalog
     def _lookup(self, key: tuple, fn: Any, *args: Any) -> tuple[bool, Any]:
@@ -481,14 +500,22 @@ class Engine:
                 if not ready:
                     keep.append(fid)
                     continue
-                if isinstance(stars, BaseException):
-                    self.store.set_state(fid, "waiting_catalog",
-                                         f"catalog_unavailable: {stars}")
-                    self.log.warning("catalog unavailable; frame waits", frame=frame["path"],
-                                     stage="catalog", reason="catalog_unavailable",
-                                     error=str(stars))
-                    continue
-                task = self._science_task(fid, frame, entry, out, radec, stars)
+                if isinstance(stars, BaseException) or len(stars) == 0:
+                    # No catalog for this field (none covers it, nothing cached, the
+                    # services down): register the frame to the series' first frame
+                    # so that the differential light curve still flows.
+                    reference = self._reference(series)
+                    if reference is None:
+                        self.log.warning(
+                            "no catalog for this field: frames are registered to this one "
+                            "(relative WCS, no zero point)", frame=frame["path"],
+                            stage="catalog", reason="catalog_unavailable", target=entry.name,
+                            error=str(stars) if isinstance(stars, BaseException)
+                            else "no catalog star within the cone")
+                    task = replace(self._science_task(fid, frame, entry, out, radec, None),
+                                   relative=True, reference=reference)
+                else:
+                    task = self._science_task(fid, frame, entry, out, radec, stars)
                 fut = self.pool.submit(pipeline.process_science, task)
                 self.inflight[fut] = ("science", (frame["night"], frame["band"], series, fid,
                                                   task.masters.version))
@@ -499,6 +526,82 @@ class Engine:
 
     def _workers(self) -> int:
         return self.cfg.daemon.workers or os.cpu_count() or 1
+
+    # ------------------------------------------------------------------ relative WCS
+    def _reference(self, series: tuple[str, str, str]) -> dict | None:
+        """The reference frame of a field without catalog, from memory or the store."""
+        if series in self.references:
+            return self.references[series]
+        night, band, target = series
+        for f in sorted(self.store.frames(night=night, band=band),
+                        key=lambda f: f["frame_number"] or 0):
+            if f["target"] != target or f["kind"] != "object":
+                continue
+            sol = self.store.solution(f["id"])
+            if sol and sol["relative"] == pipeline.RELATIVE_REFERENCE:
+                self.references[series] = sol["header"]["relative_reference"]
+                return self.references[series]
+        return None
+
+    def _relative_done(self, series: tuple[str, str, str], fid: int, solution: dict) -> None:
+        """A frame of a field without catalog finished: remember its series' reference."""
+        self.relative_series.add(series)
+        if solution.get("relative") != pipeline.RELATIVE_REFERENCE:
+            return
+        ref = solution["header"]["relative_reference"]
+        known = self.references.get(series)
+        self.references[series] = ref
+        if known is not None and known["id"] == ref["id"]:
+            return
+        self.log.info("reference frame for a field without catalog", stage="solve",
+                      frame=self.store.frame(fid)["path"], band=series[1], target=series[2],
+                      n_stars=len(ref["stars"]["id"]),
+                      target_sep_arcsec=round(ref["target_sep_arcsec"], 2),
+                      runner_up_arcsec=round(ref["runner_up_arcsec"], 2))
+        # Frames registered to an earlier reference (its frame was reset) measured
+        # another star list: measure them again against this one.
+        self._requeue_relative(series, keep_reference=ref["id"])
+
+    def _requeue_relative(self, series: tuple[str, str, str],
+                          keep_reference: str | None = None) -> int:
+        """Measure a series' relative frames again (all, or those of another reference)."""
+        night, band, target = series
+        n = 0
+        for f in self.store.frames(states=["done", "badfit"], night=night, band=band):
+            if f["target"] != target or f["id"] in self.queue:
+                continue
+            sol = self.store.solution(f["id"])
+            if not sol or not sol["relative"]:
+                continue
+            if keep_reference is not None and sol["header"].get("RELREFID") == keep_reference:
+                continue
+            self.store.set_state(f["id"], "queued", None)
+            self.queue.append(f["id"])
+            n += 1
+        return n
+
+    def _target_radec(self, target: str) -> tuple[float, float] | None:
+        for _m, parsed in self.logs.values():
+            for entry in parsed.entries:
+                if entry.name == target and not entry.is_calibration:
+                    return (entry.ra_deg, entry.dec_deg) if entry.ra_deg is not None \
+                        else self.names.get(target)
+        return None
+
+    def catalog_arrived(self) -> None:
+        """A field measured without catalog now has one: measure its frames against it."""
+        for series in sorted(self.relative_series):
+            radec = self._target_radec(series[2])
+            if radec is None:
+                continue
+            stars = self.cones.get((round(radec[0], 3), round(radec[1], 3)))
+            if stars is None or isinstance(stars, BaseException) or len(stars) == 0:
+                continue
+            n = self._requeue_relative(series)
+            self.relative_series.discard(series)
+            self.log.info("catalog now covers the field: re-measuring absolutely",
+                          stage="catalog", night=series[0], band=series[1], target=series[2],
+                          n_frames=n)
 
     def _science_task(self, fid: int, frame: dict, entry: LogEntry, out: str,
                       radec: tuple[float, float], stars: Any) -> FrameTask:
@@ -566,6 +669,7 @@ class Engine:
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.pool = cf.ProcessPoolExecutor(max_workers=self._workers(),
                                            initializer=pipeline.warm_up)
+        start_workers(self.pool, self._workers())
         self.pool_broken = False
         self.log.warning("worker pool restarted", stage="pool", reason="worker_crash")
 
@@ -633,10 +737,17 @@ class Engine:
         if result.state == "done":
             target = series[2]
             rows = [dict(m, calib_version=calib_version) for m in result.measurements]
+            if result.solution and result.solution.get("relative"):
+                ref_no = (result.solution["header"].get("relative_reference") or
+                          self._reference(series) or {}).get("frame_number")
+                fields["reason"] = (f"relative_wcs: no catalog covers the field; registered "
+                                    f"to frame {ref_no}")
             with self.store.transaction():
                 self.store.finish_frame(fid, measurements=_known(rows, self.store),
                                         zeropoint=result.zeropoint, solution=result.solution,
                                         state="done", **fields)
+                if result.solution and result.solution.get("relative"):
+                    self._relative_done(series, fid, result.solution)
                 self._derive_lightcurve(target, band)
             self.log.info("frame done", frame=frame["path"], band=band, stage="store",
                           elapsed_s=round(sum(result.timings.values()), 4),
@@ -667,11 +778,11 @@ class Engine:
                 if entry.name == target and not entry.is_calibration:
                     radec = (entry.ra_deg, entry.dec_deg) if entry.ra_deg is not None \
                         else self.names.get(target)
-        if radec is None:
-            return
-        catalog = self.cones.get((round(radec[0], 3), round(radec[1], 3)))
-        if catalog is None:
-            return
+        catalog = None if radec is None else \
+            self.cones.get((round(radec[0], 3), round(radec[1], 3)))
+        if isinstance(catalog, BaseException):
+            catalog = None
+        # No catalog: a field measured in a relative WCS still has a differential curve.
         got = derive(self.store, catalog, target, band, self.cfg)
         if got is None:
             return
@@ -689,20 +800,22 @@ class Engine:
                 self.intake_frame(path)
         for path in list(self.incomplete):
             self.intake_frame(path)
-        changed = False
         for root in self.roots:
             for folder in [root, *[p for p in root.rglob("*") if p.is_dir()]]:
-                before = len(self.logs), sum(m for m, _ in self.logs.values())
                 self._log_for_folder(folder)
-                changed |= before != (len(self.logs), sum(m for m, _ in self.logs.values()))
-        if changed:
-            self.log_changed()
+        self.release_if_logs_changed()
         self.prefetch()
+        self.catalog_arrived()
         for f in self.store.frames(states=["waiting_catalog", "arrived"]):
             self.classify(f["id"])
 
     def resume(self) -> None:
         """Start-up: every frame the store has not finished is taken up again."""
+        for f in self.store.frames(states=["done", "badfit"]):
+            if f["kind"] == "object" and f["target"]:
+                sol = self.store.solution(f["id"])
+                if sol and sol["relative"]:
+                    self.relative_series.add((f["night"], f["band"], f["target"]))
         for f in self.store.unfinished():
             if f["state"] in ("processing", "queued", "arrived", "waiting_log",
                               "waiting_catalog"):
@@ -796,6 +909,12 @@ class Engine:
         tmp.write_text(json.dumps(summary, indent=1, default=str))
         os.replace(tmp, out)
         return out
+
+
+def start_workers(pool: cf.ProcessPoolExecutor, workers: int) -> None:
+    """Start every worker now (and its warm-up), not when the first frame comes."""
+    for _ in range(workers):
+        pool.submit(int)
 
 
 def _known(rows: list[dict], store: Store) -> list[dict]:
@@ -892,6 +1011,7 @@ def run_daemon(cfg: Config, until_idle_s: float | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     workers = cfg.daemon.workers or os.cpu_count() or 1
     pool = cf.ProcessPoolExecutor(max_workers=workers, initializer=pipeline.warm_up)
+    start_workers(pool, workers)
     engine = Engine(cfg, store, pool, log, roots=roots, catalog=catalog)
     watcher = FolderWatcher(roots, polling=cfg.daemon.observer == "polling",
                             poll_interval_s=cfg.daemon.poll_interval_s)

@@ -330,7 +330,7 @@ def test_night_without_calibrations_uses_the_previous_nights_masters_flagged(tmp
             assert "flat 2016-11-01" in version
             flags = con.execute("SELECT flags FROM lightcurve WHERE frame_id=?",
                                 (fid,)).fetchone()[0]
-            assert flags & 256  # the light-curve point says it is provisional
+            assert flags & 1024  # the light-curve point says it is provisional
         assert sum(r[1] == "done" for r in second_night) >= 6
         first_night = [r for r in rows if r[0] == "2016-11-01" and r[1] == "done"]
         assert first_night and all(not r[2].startswith("provisional") for r in first_night)
