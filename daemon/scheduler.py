@@ -713,7 +713,10 @@ class Engine:
         self.log.info("master built", stage="master", band=band, kind=kind, version=version,
                       n_inputs=len(result["inputs"]), n_rejected=len(result["rejected"]),
                       elapsed_s=result["elapsed_s"])
-        self._requeue_stale(night, band)
+        # Later nights without masters of their own may have borrowed this one.
+        for later in sorted({f["night"] for f in self.store.frames(band=band)
+                             if f["night"] and f["night"] >= night}):
+            self._requeue_stale(later, band)
 
     def _requeue_stale(self, night: str, band: str) -> None:
         """Frames measured with older or provisional masters are measured again."""
@@ -763,6 +766,9 @@ class Engine:
             getattr(self.log, level)("frame not finished", frame=frame["path"], band=band,
                                      stage="pipeline", state=result.state,
                                      reason=result.reason, error=result.message)
+        if result.state in ("done", "badfit"):
+            # masters that changed while the worker had the frame: measure it again
+            self._requeue_stale(night, band)
 
     def _derive_lightcurve(self, target: str, band: str) -> None:
         """Re-derive the target's whole differential curve from the stored measurements.
