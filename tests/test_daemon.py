@@ -237,9 +237,9 @@ def test_kill_9_at_random_moments_ends_like_an_undisturbed_run(tmp_path):
     rough.mkdir()
     cfg2 = _config(rough, night)
     rng = random.Random(42)
-    for _ in range(5):
+    for _ in range(20):
         p = _photd("run", "--config", str(cfg2), start_new_session=True)
-        time.sleep(rng.uniform(1.5, 6.0))
+        time.sleep(rng.uniform(1.0, 4.0))
         os.killpg(p.pid, signal.SIGKILL)  # the daemon and its workers, mid-whatever
         p.wait(timeout=60)
     p = _photd("run", "--config", str(cfg2), "--until-idle", "4")
