@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ from astropy.nddata import CCDData
 from astropy.stats import mad_std, sigma_clipped_stats
 from scipy import ndimage, special
 
+from .atomic import atomic_write
 from .config import CalibrationConfig, CameraConfig
 
 CALIBRATION_KINDS = ("bias", "dark", "flat")
@@ -920,23 +920,7 @@ def write_master(
     for key, (value, comment) in (extra or {}).items():
         hdr[key] = (value, comment)
     hdu = fits.PrimaryHDU(np.asarray(data, np.float32), header=hdr)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            hdu.writeto(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    # Make the rename itself durable.
-    dir_fd = os.open(dest.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return dest
+    return atomic_write(dest, hdu.writeto)
 
 
 def read_master(path: str | os.PathLike[str]) -> tuple[np.ndarray, fits.Header]:

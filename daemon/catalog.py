@@ -16,11 +16,11 @@ When neither answers, :class:`CatalogUnavailable` (reason
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from astropy.table import MaskedColumn, Table, vstack
 
+from daemon.atomic import atomic_write, atomic_write_text
 from daemon.config import CatalogConfig
 
 __all__ = [
@@ -278,32 +279,13 @@ FetchFn = Callable[[float, float, float, float], Table]
 ResolveFn = Callable[[str, float], "tuple[float, float] | None"]
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _atomic_write_table(path: Path, table: Table) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
-    os.close(fd)
-    try:
-        table.write(tmp, format="ascii.ecsv", overwrite=True)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    def write(fh) -> None:
+        buf = io.StringIO()
+        table.write(buf, format="ascii.ecsv")
+        fh.write(buf.getvalue().encode("utf-8"))
+
+    atomic_write(path, write)
 
 
 def tile_key(ra_deg: float, dec_deg: float, tile_deg: float) -> tuple[int, int]:
@@ -515,7 +497,7 @@ class CatalogSource:
                                          f"name {name!r}")
         names = _read_json(path)  # another process may have added names meanwhile
         names[key] = None if result is None else [float(result[0]), float(result[1])]
-        _atomic_write_text(path, json.dumps(names, indent=1, sort_keys=True))
+        atomic_write_text(path, json.dumps(names, indent=1, sort_keys=True))
         return None if result is None else (float(result[0]), float(result[1]))
 
 

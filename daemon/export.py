@@ -10,13 +10,13 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 from astropy.table import Table
+
+from daemon.atomic import atomic_write
 
 # DESIGN.md **contract**: `photd export --format csv` columns, in this order.
 CSV_COLUMNS = ("target", "band", "frame", "mjd", "bjd_tdb", "mag", "mag_err", "diff_mag",
@@ -209,17 +209,8 @@ def plot_lightcurve(rows_by_band: Mapping[str, Sequence[Mapping]],
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=110)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
     finally:
         plt.close(fig)
     return path

@@ -26,10 +26,9 @@ from __future__ import annotations
 import math
 import os
 import re
-import secrets
 import unicodedata
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -41,6 +40,7 @@ from astropy.time import Time
 from astropy.utils import iers
 
 from daemon import __version__
+from daemon.atomic import atomic_write
 from daemon.config import BANDS, Config, SiteConfig
 from daemon.obslog import LogEntry
 
@@ -426,20 +426,6 @@ def _structure(header: fits.Header) -> dict[str, object]:
     return {k: header.get(k) for k in keys}
 
 
-def _fsync_dir(folder: Path) -> None:
-    # The rename is durable only once the directory entry is on disk.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_processed(
     raw_path: str | Path, out_path: str | Path, header: fits.Header, *, compress: bool = False
 ) -> Path:
@@ -510,7 +496,7 @@ def write_processed(
             else:
                 comp = fits.CompImageHDU(data, comp_header, compression_type="RICE_1")
             payload = fits.HDUList([fits.PrimaryHDU(), comp])
-            return _atomic_write(out_path, lambda f: payload.writeto(f))
+            return atomic_write(out_path, lambda f: payload.writeto(f))
         if out_path.name.endswith(".fz"):
             out_path = out_path.with_name(out_path.name[:-3])
         # Copy the stored bytes from the first data block to the end of the
@@ -535,26 +521,7 @@ def write_processed(
                 f.write(chunk)
                 remaining -= len(chunk)
 
-    return _atomic_write(out_path, copy)
-
-
-def _atomic_write(out_path: Path, write: Callable[[BinaryIO], object]) -> Path:
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    # os.open with mode 0o666 lets the umask decide the permissions, as for
-    # any file the user writes (mkstemp would force 0600).
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(out_path.parent)
-    return out_path
+    return atomic_write(out_path, copy)
 
 
 # --------------------------------------------------------------------------- inputs

@@ -28,6 +28,7 @@ from astropy.io import fits
 from astropy.time import Time
 
 from daemon import pipeline
+from daemon.atomic import atomic_write_text
 from daemon.config import Config
 from daemon.headers import band_from, frame_number_from
 from daemon.logs import configure, get_logger
@@ -910,11 +911,8 @@ class Engine:
                    "detector": {b: ({"gain_e_per_adu": d["gain_e_per_adu"],
                                      "rdnoise_e": d["rdnoise_e"]} if d else None)
                                 for b, d in detector.items()}}
-        out = folder / "summary.json"
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(summary, indent=1, default=str))
-        os.replace(tmp, out)
-        return out
+        return atomic_write_text(folder / "summary.json",
+                                 json.dumps(summary, indent=1, default=str))
 
 
 def start_workers(pool: cf.ProcessPoolExecutor, workers: int) -> None:
