@@ -283,16 +283,19 @@ def reference_stars(reference: dict[str, Any]) -> Table:
 # --------------------------------------------------------------------------- flows
 
 
-def _os_error(result: FrameResult, exc: OSError, limit: int) -> None:
-    """A full work disk is the daemon's problem, not the frame's: retry it later."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        # The atomic write left nothing behind; 'arrived' is taken up again by
-        # the next rescan, and intake pauses while the disk stays full.
+def _record_exception(result: FrameResult, exc: Exception) -> None:
+    """Turn what stopped a frame into its state and reason (the daemon goes on)."""
+    if isinstance(exc, FrameRejected):
+        result.state, result.reason, result.message = exc.state, exc.reason, str(exc)
+    elif isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        # A full work disk is the daemon's problem, not the frame's: the atomic write
+        # left nothing behind; 'arrived' is taken up again by the next rescan, and
+        # intake pauses while the disk stays full.
         result.state, result.reason, result.output = "arrived", "disk_full", None
         result.message = f"work disk full while writing: {exc}"
     else:
         result.state, result.reason = "failed", type(exc).__name__
-        result.message = f"{exc}\n{traceback.format_exc(limit=limit)}"
+        result.message = f"{exc}\n{traceback.format_exc(limit=6)}"
 
 
 def process_calibration(task: FrameTask) -> FrameResult:
@@ -310,13 +313,8 @@ def process_calibration(task: FrameTask) -> FrameResult:
             out = write_processed(task.raw_path, task.out_path, header,
                                   compress=task.cfg.output.compress)
         result.output = str(out)
-    except FrameRejected as exc:
-        result.state, result.reason, result.message = exc.state, exc.reason, str(exc)
-    except OSError as exc:
-        _os_error(result, exc, limit=4)
     except Exception as exc:  # a bug or an unexpected file must stop this frame only
-        result.state, result.reason = "failed", type(exc).__name__
-        result.message = f"{exc}\n{traceback.format_exc(limit=4)}"
+        _record_exception(result, exc)
     return result
 
 
@@ -465,11 +463,6 @@ def process_science(task: FrameTask) -> FrameResult:
             result.summary = asdict(summary)
             result.summary.update(binning=binning, bg_rms=float(bg_rms),
                                   scale_arcsec=sol.scale_arcsec)
-    except FrameRejected as exc:
-        result.state, result.reason, result.message = exc.state, exc.reason, str(exc)
-    except OSError as exc:
-        _os_error(result, exc, limit=6)
     except Exception as exc:  # a bug or an unexpected file must stop this frame only
-        result.state, result.reason = "failed", type(exc).__name__
-        result.message = f"{exc}\n{traceback.format_exc(limit=6)}"
+        _record_exception(result, exc)
     return result

@@ -1086,7 +1086,3 @@ def run_daemon(cfg: Config, until_idle_s: float | None = None) -> int:
         lock.close()
     return 0
 
-
-def output_slug(target: str) -> str:
-    """Safe file-name stem for a target (logs are hand-written)."""
-    return slug(target)
