@@ -36,7 +36,7 @@ import ccdproc
 import numpy as np
 from astropy.io import fits
 from astropy.nddata import CCDData
-from astropy.stats import mad_std, sigma_clipped_stats
+from astropy.stats import sigma_clipped_stats
 from scipy import ndimage, special
 
 from .atomic import atomic_write
@@ -113,7 +113,7 @@ def frame_stats(data_adu: np.ndarray, saturation_adu: float = 65000.0) -> dict[s
     # A sparse sample is enough for a level and a noise and keeps this cheap on
     # full frames (8.5 Mpx); every 7th pixel avoids locking onto column patterns.
     sample = data.ravel()[::7].astype(np.float32)
-    _, median, std = sigma_clipped_stats(sample, sigma=3.0, maxiters=5)
+    _, median, std = _clipped_stats(sample)
     return {
         "median_adu": float(median),
         "std_adu": float(std),
@@ -216,15 +216,22 @@ def _combine_stack(stack: np.ndarray, *, method: str, sigma: float) -> np.ndarra
     # Clip around the median with a MAD width: a star or cosmic ray in one
     # frame would drag a mean/std centre towards itself. Three values cannot
     # define a width, so small stacks fall back to the plain median.
+    # The names (not the functions) select astropy's C sigma clipping along
+    # the stack axis, twice as fast on full frames as masked-array callables.
     if stack.shape[0] >= 4:
         combiner.sigma_clipping(
-            low_thresh=sigma, high_thresh=sigma, func=np.ma.median, dev_func=mad_std
+            low_thresh=sigma, high_thresh=sigma, func="median", dev_func="mad_std"
         )
     if method == "median" or stack.shape[0] < 4:
-        out = combiner.median_combine()
+        out = combiner.median_combine(uncertainty_func=_no_uncertainty)
     else:
-        out = combiner.average_combine()
+        out = combiner.average_combine(uncertainty_func=_no_uncertainty)
     return np.asarray(out.data, dtype=np.float32)
+
+
+def _no_uncertainty(data: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Stand-in for ccdproc's per-pixel scatter of the inputs, which masters do not keep."""
+    return np.zeros(np.shape(data)[1:], np.float32)
 
 
 def combine_strips(
@@ -283,8 +290,17 @@ def _check_shapes(frames: Sequence[np.ndarray]) -> tuple[int, int]:
 
 def robust_level(data: np.ndarray) -> float:
     """Sigma-clipped median of a frame (stars and cosmic rays excluded), same units."""
-    sample = np.asarray(data).ravel()[::3]
-    return float(sigma_clipped_stats(sample, sigma=3.0, maxiters=5)[1])
+    sample = np.asarray(data).ravel()[::7]
+    return float(_clipped_stats(sample)[1])
+
+
+def _clipped_stats(sample: np.ndarray) -> tuple[float, float, float]:
+    """3-sigma clipped mean, median and std of a 1-D sample.
+
+    ``axis=0`` selects astropy's C clipping; without an axis it takes a
+    slower pure-numpy path (same result).
+    """
+    return sigma_clipped_stats(sample, sigma=3.0, maxiters=5, axis=0)
 
 
 def combine_bias(

@@ -84,6 +84,9 @@ class DaemonConfig:
     min_free_disk_mb: float = 1024.0
     log_level: str = "info"
     log_format: str = "auto"  # "auto" (console on a TTY, JSON otherwise), "json", "console"
+    # A backlog of one series re-derives its light curve at most this often (s);
+    # a frame arriving alone gets its light-curve row at once.
+    lightcurve_interval_s: float = 10.0
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from astropy.time import Time
 
 from daemon import pipeline
 from daemon.atomic import atomic_write_text
+from daemon.calibration import CALIBRATION_KINDS
 from daemon.config import Config
 from daemon.headers import band_from, frame_number_from
 from daemon.logs import configure, get_logger
@@ -103,7 +104,19 @@ class Engine:
     dispatched_sha: dict[cf.Future, str] = field(default_factory=dict)
     incomplete: dict[Path, _Pending] = field(default_factory=dict)
     logs: dict[Path, tuple[float, ObservingLog]] = field(default_factory=dict)
+    # Which files of a folder are logs (find_logs reads every candidate): kept
+    # until a non-frame file changes or a rescan, the only ways a log appears.
+    found_logs: dict[Path, list[Path]] = field(default_factory=dict)
+    # (the merged logs keep their parts alive, so the parts' ids stay unique)
+    merged_logs: dict[tuple, tuple[tuple, ObservingLog]] = field(default_factory=dict)
     dirty_masters: set[tuple[str, str, str]] = field(default_factory=set)
+    # (night, band, target, kind) of queued frames, so that scheduling decisions
+    # over a long queue do not read every frame back from the store.
+    queue_info: dict[int, tuple] = field(default_factory=dict)
+    # Light curves to derive again, (target, band) -> "frame done" events that
+    # wait for it; and when each was last derived (time.monotonic()).
+    curve_pending: dict[tuple[str, str], list[dict]] = field(default_factory=dict)
+    curve_derived_at: dict[tuple[str, str], float] = field(default_factory=dict)
     catalog: Any = None  # daemon.catalog.CatalogSource
     cones: dict[tuple[float, float], Any] = field(default_factory=dict)
     names: dict[str, tuple[float, float] | None] = field(default_factory=dict)
@@ -140,7 +153,10 @@ class Engine:
     # ------------------------------------------------------------------ logs
     def _log_for_folder(self, folder: Path) -> list[ObservingLog]:
         out = []
-        for p in find_logs(folder, self.cfg.obslog):
+        found = self.found_logs.get(folder)
+        if found is None:
+            found = self.found_logs[folder] = find_logs(folder, self.cfg.obslog)
+        for p in found:
             try:
                 mtime = p.stat().st_mtime
             except OSError:
@@ -174,7 +190,12 @@ class Engine:
         logs = [lg for f in folders for lg in self._log_for_folder(f)]
         if not logs:
             return None, f"no observing log found in {raw.parent} or above it"
-        merged = merge_logs(logs)
+        key = tuple(id(lg) for lg in logs)
+        if key not in self.merged_logs:
+            if len(self.merged_logs) > 64:
+                self.merged_logs.clear()
+            self.merged_logs[key] = (tuple(logs), merge_logs(logs))
+        merged = self.merged_logs[key][1]
         entry = merged.entry_for(frame["frame_number"])
         if entry is None:
             return None, (f"frame {frame['frame_number']} is not covered by "
@@ -200,8 +221,10 @@ class Engine:
         self.last_activity = time.monotonic()
         if is_frame_name(path):
             self.intake_frame(path)
-        elif path.suffix.lower() in LOG_SUFFIXES and path.is_file():
-            self._log_for_folder(path.parent)
+        else:
+            self.found_logs.pop(path.parent, None)  # it may have become (or stopped being) a log
+            if path.suffix.lower() in LOG_SUFFIXES and path.is_file():
+                self._log_for_folder(path.parent)
         self.release_if_logs_changed()
 
     def release_if_logs_changed(self) -> None:
@@ -319,6 +342,7 @@ class Engine:
         self.store.set_state(fid, "queued", None, kind=entry.kind, target=entry.name,
                              log_source=entry.source, log_line=entry.line_no,
                              log_fingerprint=entry.fingerprint())
+        self.queue_info[fid] = (frame["night"], frame["band"], entry.name, entry.kind)
         if fid not in self.queue:
             # Calibration frames go first: every science frame of their band waits
             # for the masters they build.
@@ -405,18 +429,29 @@ class Engine:
             + (", ".join(parts) if parts else "uncalibrated"),
             provisional=provisional)
 
-    def _calibration_busy(self, night: str, band: str) -> bool:
-        if any(k[0] == night and k[1] == band for k in self.dirty_masters):
-            return True
-        for kind, payload in self.inflight.values():
-            if kind in ("calibration", "master") and payload[0] == night and payload[1] == band:
-                return True
-        for fid in self.queue:
+    def _queued(self, fid: int) -> tuple | None:
+        """(night, band, target, kind) of a queued frame."""
+        info = self.queue_info.get(fid)
+        if info is None:
             f = self.store.frame(fid)
-            if f and f["night"] == night and f["band"] == band and f["kind"] in (
-                    "bias", "flat", "dark"):
-                return True
-        return False
+            if f is None:
+                return None
+            info = self.queue_info[fid] = (f["night"], f["band"], f["target"], f["kind"])
+        return info
+
+    def _calibration_busy_bands(self) -> set[tuple[str, str]]:
+        """(night, band) whose masters are about to change: their science frames wait."""
+        busy = {(k[0], k[1]) for k in self.dirty_masters}
+        busy |= {(p[0], p[1]) for kind, p in self.inflight.values()
+                 if kind in ("calibration", "master")}
+        for fid in self.queue:
+            info = self._queued(fid)
+            if info and info[3] in CALIBRATION_KINDS:
+                busy.add((info[0], info[1]))
+        return busy
+
+    def _calibration_busy(self, night: str, band: str) -> bool:
+        return (night, band) in self._calibration_busy_bands()
 
     def _submit_masters(self) -> None:
         busy = {(p[0], p[1], p[2]) for k, p in self.inflight.values() if k == "master"}
@@ -424,9 +459,9 @@ class Engine:
         # rebuild for the whole batch instead of one per frame: wait for the batch.
         busy |= {(p[0], p[1], p[3]) for k, p in self.inflight.values() if k == "calibration"}
         for fid in self.queue:
-            f = self.store.frame(fid)
-            if f and f["kind"] in ("bias", "flat", "dark"):
-                busy.add((f["night"], f["band"], f["kind"]))
+            info = self._queued(fid)
+            if info and info[3] in CALIBRATION_KINDS:
+                busy.add((info[0], info[1], info[3]))
         for key in sorted(self.dirty_masters):
             night, band, kind = key
             if key in busy or (kind != "bias" and (night, band, "bias") in self.dirty_masters):
@@ -461,14 +496,21 @@ class Engine:
         self._submit_masters()
         limit = max(2 * self._workers(), 2)
         busy_series = {p[2] for k, p in self.inflight.values() if k == "science"}
+        cal_busy = self._calibration_busy_bands()
         keep: deque[int] = deque()
         while self.queue:
             fid = self.queue.popleft()
             if len(self.inflight) >= limit or self.paused:
                 keep.append(fid)
                 continue
+            info = self._queued(fid)
+            if info and info[3] not in CALIBRATION_KINDS and (
+                    info[:3] in busy_series or info[:2] in cal_busy):
+                keep.append(fid)  # cheap early wait; the checks below are authoritative
+                continue
             frame = self.store.frame(fid)
             if frame is None or frame["state"] not in ("queued",):
+                self.queue_info.pop(fid, None)
                 continue
             entry, _ = self.entry_for(frame)
             if entry is None:
@@ -484,8 +526,7 @@ class Engine:
                 self.dispatched_sha[fut] = frame["sha256"]
             else:
                 series = (frame["night"], frame["band"], entry.name)
-                if series in busy_series or self._calibration_busy(frame["night"],
-                                                                   frame["band"]):
+                if series in busy_series or (frame["night"], frame["band"]) in cal_busy:
                     keep.append(fid)  # keep time order; wait for the newest masters
                     continue
                 ready, radec = self.pointing(entry)
@@ -523,6 +564,7 @@ class Engine:
                 self.dispatched_sha[fut] = frame["sha256"]
                 busy_series.add(series)
             self.store.set_state(fid, "processing")
+            self.queue_info.pop(fid, None)
         self.queue = keep
 
     def _workers(self) -> int:
@@ -752,10 +794,12 @@ class Engine:
                                         state="done", **fields)
                 if result.solution and result.solution.get("relative"):
                     self._relative_done(series, fid, result.solution)
-                self._derive_lightcurve(target, band)
-            self.log.info("frame done", frame=frame["path"], band=band, stage="store",
-                          elapsed_s=round(sum(result.timings.values()), 4),
-                          n_stars=len(rows), latency_s=round(time.time() - frame["closed_at"], 3))
+                self.store.mark_lightcurve_stale(target, band)
+            # "frame done" is logged once the frame's light-curve row is committed.
+            self.curve_pending.setdefault((target, band), []).append(
+                {"frame": frame["path"], "band": band, "n_stars": len(rows),
+                 "elapsed_s": round(sum(result.timings.values()), 4),
+                 "closed_at": frame["closed_at"]})
         elif result.state == "badfit":
             self.store.finish_frame(fid, measurements=(), state="badfit",
                                     reason=result.reason, **fields)
@@ -770,6 +814,36 @@ class Engine:
         if result.state in ("done", "badfit"):
             # masters that changed while the worker had the frame: measure it again
             self._requeue_stale(night, band)
+
+    def flush_curves(self, force: bool = False) -> None:
+        """Derive the light curves whose measurements changed.
+
+        A series with nothing more queued or running is derived at once (the
+        live case: one frame at a time). A backlog of the same series (a
+        restart, a copied night) is derived at most every
+        ``daemon.lightcurve_interval_s``, since each derivation reads the
+        whole night back: one per frame made a night's backlog quadratic.
+        """
+        if not self.curve_pending:
+            return
+        waiting = {(p[2][2], p[2][1]) for k, p in self.inflight.values() if k == "science"}
+        for fid in self.queue:
+            info = self._queued(fid)
+            if info and info[3] not in CALIBRATION_KINDS:
+                waiting.add((info[2], info[1]))
+        for key in list(self.curve_pending):
+            last = self.curve_derived_at.get(key)
+            if (not force and key in waiting and last is not None
+                    and time.monotonic() - last < self.cfg.daemon.lightcurve_interval_s):
+                continue
+            events = self.curve_pending.pop(key)
+            with self.store.transaction():
+                self._derive_lightcurve(*key)
+            self.curve_derived_at[key] = time.monotonic()
+            for ev in events:
+                closed_at = ev.pop("closed_at")
+                self.log.info("frame done", stage="store", **ev,
+                              latency_s=round(time.time() - closed_at, 3))
 
     def _derive_lightcurve(self, target: str, band: str) -> None:
         """Re-derive the target's whole differential curve from the stored measurements.
@@ -802,6 +876,7 @@ class Engine:
     # ------------------------------------------------------------------ loop helpers
     def rescan(self) -> None:
         """Walk the watched folders: catch anything an event missed."""
+        self.found_logs.clear()
         for path in scan(self.roots):
             if is_frame_name(path):
                 self.intake_frame(path)
@@ -823,6 +898,9 @@ class Engine:
                 sol = self.store.solution(f["id"])
                 if sol and sol["relative"]:
                     self.relative_series.add((f["night"], f["band"], f["target"]))
+        for target, band in self.store.stale_lightcurves():
+            # measured before a crash, curve not derived yet
+            self.curve_pending.setdefault((target, band), [])
         for f in self.store.unfinished():
             if f["state"] in ("processing", "queued", "arrived", "waiting_log",
                               "waiting_catalog"):
@@ -839,7 +917,8 @@ class Engine:
 
     def idle(self) -> bool:
         """Nothing queued, running, half-written or waiting to be rebuilt."""
-        return not (self.queue or self.inflight or self.incomplete or self.dirty_masters)
+        return not (self.queue or self.inflight or self.incomplete or self.dirty_masters
+                    or self.curve_pending)
 
     def check_disk(self) -> None:
         """Pause intake when the work disk is nearly full; resume when there is room."""
@@ -1037,7 +1116,8 @@ def run_daemon(cfg: Config, until_idle_s: float | None = None) -> int:
     last_status = 0.0
     try:
         while not flags.stop:
-            for path in watcher.drain(timeout_s=0.05 if engine.inflight else 0.2):
+            for path in watcher.drain(timeout_s=0.05 if engine.inflight or engine.curve_pending
+                                      else 0.2):
                 engine.handle_path(path)
             if flags.disk_check:
                 flags.disk_check = False
@@ -1053,6 +1133,7 @@ def run_daemon(cfg: Config, until_idle_s: float | None = None) -> int:
                 engine.housekeeping()
             engine.renew_pool()
             engine.dispatch()
+            engine.flush_curves()  # after dispatch: a series with more frames running waits
             engine.collect(timeout_s=0.05)
             now = time.monotonic()
             if now - last_status > 5:
@@ -1073,6 +1154,7 @@ def run_daemon(cfg: Config, until_idle_s: float | None = None) -> int:
         engine.queue.clear()
         while engine.inflight:
             engine.collect(timeout_s=1.0)
+        engine.flush_curves(force=True)
         if not flags.stop:
             engine.housekeeping()  # the night is processed (--until-idle): summarise it
         sched.shutdown(wait=False)

@@ -247,10 +247,27 @@ def _migrate_v1_initial_schema(db: sqlite_utils.Database) -> None:
         db.execute(statement)
 
 
+def _migrate_v2_stale_lightcurves(db: sqlite_utils.Database) -> None:
+    # A light curve whose measurements changed but which has not been derived
+    # again yet: the mark is written with the measurements and cleared with
+    # the new curve, so a restart knows which curves to finish.
+    db.execute(
+        """
+        CREATE TABLE stale_lightcurves (
+            target  TEXT NOT NULL,
+            band    TEXT NOT NULL,
+            since   REAL NOT NULL,
+            PRIMARY KEY (target, band)
+        )
+        """
+    )
+
+
 #: Migrations in order; number i (0-based) takes ``user_version`` from i to
 #: i + 1. Append only: never edit or reorder a released migration.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migrate_v1_initial_schema,
+    _migrate_v2_stale_lightcurves,
 ]
 
 
@@ -1128,6 +1145,28 @@ class Store:
         with self.transaction():
             self.db.execute("DELETE FROM lightcurve WHERE target = ? AND band = ?", [target, band])
             self._insert_rows("lightcurve", prepared, "lightcurve")
+            self.db.execute(
+                "DELETE FROM stale_lightcurves WHERE target = ? AND band = ?", [target, band]
+            )
+
+    def mark_lightcurve_stale(self, target: str, band: str) -> None:
+        """Record that a target's curve in a band must be derived again.
+
+        Write it in the same transaction as the measurements that make the
+        curve stale; :meth:`replace_lightcurve` clears it.
+        """
+        with self.transaction():
+            self.db.execute(
+                "INSERT OR IGNORE INTO stale_lightcurves (target, band, since) VALUES (?, ?, ?)",
+                [target, band, time.time()],
+            )
+
+    def stale_lightcurves(self) -> list[tuple[str, str]]:
+        """(target, band) of every curve marked stale, oldest mark first."""
+        rows = self.conn.execute(
+            "SELECT target, band FROM stale_lightcurves ORDER BY since, target, band"
+        ).fetchall()
+        return [(str(t), str(b)) for t, b in rows]
 
     def lightcurve(self, target: str, band: str | None = None) -> list[dict[str, Any]]:
         """Return a target's light-curve rows ordered by MJD.
