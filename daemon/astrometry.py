@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import astropy.units as u
 import numpy as np
@@ -113,7 +114,24 @@ class Solution:
 
 # Binned images up to this many pixels keep detection well under 0.1 s.
 _TARGET_BINNED_PIXELS = 6.0e5
-_SEP_PIX_STACK = 2_000_000
+# sep allocates its pixel stack on every extract() call, so its size is most
+# of the cost of a pass (0.007 s at 300 000, 0.05 s at 2 000 000 on a binned
+# full frame): start small, retry large when a frame (clouds, a bright
+# extended blob) fills it.
+_SEP_PIX_STACKS = (300_000, 2_000_000)
+
+
+def _extract(data: np.ndarray, thresh: float, **kw: Any) -> np.ndarray:
+    """``sep.extract`` with the smallest pixel stack that holds the frame's objects."""
+    sep.set_sub_object_limit(4096)
+    for k, size in enumerate(_SEP_PIX_STACKS):
+        sep.set_extract_pixstack(size)
+        try:
+            return sep.extract(data, thresh, **kw)
+        except Exception as exc:  # sep raises a bare Exception for a full buffer
+            if "pixel buffer full" not in str(exc) or k == len(_SEP_PIX_STACKS) - 1:
+                raise
+    raise AssertionError("unreachable")
 # Fewer confident (10 sigma) stars than this and the PSF cannot be trusted: a frame
 # through thick cloud. Fewer than this could not be solved anyway.
 _MIN_PSF_STARS = 5
@@ -247,10 +265,8 @@ def detect_sources(
     rms_binned = float(bkg.globalrms)
     # First pass with a small kernel, only to measure the PSF width; the second pass
     # uses a Gaussian matched to it, which also damps single-pixel cosmic rays.
-    sep.set_extract_pixstack(_SEP_PIX_STACK)
-    sep.set_sub_object_limit(4096)
-    first = sep.extract(sub, 10.0, err=rms_binned, mask=bmask, minarea=3,
-                        filter_kernel=_gaussian_kernel(2.0), deblend_cont=0.005)
+    first = _extract(sub, 10.0, err=rms_binned, mask=bmask, minarea=3,
+                     filter_kernel=_gaussian_kernel(2.0), deblend_cont=0.005)
     # A star is at least ~3 (binned) px wide; cosmic rays and hot pixels have b < 0.6.
     stars = first[(first["flag"] == 0) & (first["b"] > 0.8)] if len(first) else first
     if len(stars) >= _MIN_PSF_STARS:
@@ -258,9 +274,9 @@ def detect_sources(
         # Gaussian-equivalent FWHM from isophotal moments underestimates a bit; it
         # only sets the filter width, so a rough value is enough.
         fwhm_b = float(np.clip(np.median(2.3548 * np.sqrt(sel["a"] * sel["b"])), 1.5, 12.0))
-        objs = sep.extract(sub, detect_sigma, err=rms_binned, mask=bmask,
-                           minarea=max(3, int(0.5 * fwhm_b**2)),
-                           filter_kernel=_gaussian_kernel(fwhm_b), deblend_cont=0.005)
+        objs = _extract(sub, detect_sigma, err=rms_binned, mask=bmask,
+                        minarea=max(3, int(0.5 * fwhm_b**2)),
+                        filter_kernel=_gaussian_kernel(fwhm_b), deblend_cont=0.005)
     else:
         # No PSF to measure (clouds, a dome frame): a deep pass with a guessed kernel
         # would return noise and cosmic rays, so only the confident sources are kept.

@@ -369,6 +369,41 @@ def combine_dark(
     )
 
 
+def dark_level_adu_per_s(
+    paths: Sequence[str | os.PathLike[str]],
+    master_bias: np.ndarray,
+    exptimes_s: Sequence[float],
+    cam: CameraConfig,
+) -> float:
+    """Typical dark current of raw dark frames, without combining them.
+
+    Parameters
+    ----------
+    paths : sequence of path
+        Raw dark frames.
+    master_bias : ndarray
+        Master bias (ADU), after overscan/trim.
+    exptimes_s : sequence of float
+        Exposure time of each frame (s).
+    cam : CameraConfig
+        Overscan/trim of the camera.
+
+    Returns
+    -------
+    float
+        Median over the frames of each frame's clipped median of
+        (frame - bias) / exposure time (ADU/s per pixel); 0 when no frame has
+        the master's shape or a positive exposure time. A cheap stand-in for
+        the median of a combined master when deciding whether darks matter.
+    """
+    rates = []
+    for p, t in zip(paths, exptimes_s, strict=True):
+        data = apply_overscan_trim(read_frame(p)[0], cam)
+        if t > 0 and data.shape == master_bias.shape:
+            rates.append(robust_level(data - master_bias) / float(t))
+    return float(np.median(rates)) if rates else 0.0
+
+
 def dark_is_significant(
     master_dark_adu_per_s: np.ndarray, *, gain_e_per_adu: float, cam: CameraConfig
 ) -> bool:

@@ -347,7 +347,12 @@ class Engine:
             # Calibration frames go first: every science frame of their band waits
             # for the masters they build.
             if entry.is_calibration:
-                self.queue.appendleft(fid)
+                # ahead of science frames, behind earlier calibration frames
+                at = 0
+                while at < len(self.queue) and (self._queued(self.queue[at]) or
+                                                (None,) * 4)[3] in CALIBRATION_KINDS:
+                    at += 1
+                self.queue.insert(at, fid)
             else:
                 self.queue.append(fid)
 
@@ -489,11 +494,16 @@ class Engine:
             self.dirty_masters.discard(key)
 
     # ------------------------------------------------------------------ dispatch
-    def dispatch(self) -> None:
-        """Hand queued frames to the pool, respecting order and calibration."""
+    def dispatch(self, masters: bool = True) -> None:
+        """Hand queued frames to the pool, respecting order and calibration.
+
+        ``masters=False`` holds master rebuilds back (while a scan is still
+        registering frames, a batch of calibration frames is not complete yet).
+        """
         if self.pool_broken:
             return  # renew_pool() replaces it once the frames in hand are back
-        self._submit_masters()
+        if masters:
+            self._submit_masters()
         limit = max(2 * self._workers(), 2)
         busy_series = {p[2] for k, p in self.inflight.values() if k == "science"}
         cal_busy = self._calibration_busy_bands()
@@ -877,9 +887,14 @@ class Engine:
     def rescan(self) -> None:
         """Walk the watched folders: catch anything an event missed."""
         self.found_logs.clear()
-        for path in scan(self.roots):
+        for n, path in enumerate(scan(self.roots)):
             if is_frame_name(path):
                 self.intake_frame(path)
+            if n % 16 == 15:
+                # A night's backlog takes seconds to register (every file is
+                # hashed): keep the workers busy meanwhile.
+                self.dispatch(masters=False)
+                self.collect(timeout_s=0)
         for path in list(self.incomplete):
             self.intake_frame(path)
         for root in self.roots:
@@ -1017,6 +1032,12 @@ def build_master_task(kind: str, paths: list[str], cfg: Config, band: str, night
         exptimes = None
         if kind == "dark":
             exptimes = [float(fits.getheader(p).get("EXPTIME", 0.0)) for p in paths]
+            if bias is not None and calibration.dark_level_adu_per_s(
+                    paths, bias, exptimes, cfg.camera(band)) * 1.6 <= \
+                    cfg.camera(band).dark_current_e_per_s:
+                # decided from the frames' levels: no need to combine a master to drop it
+                return {"error": "dark current negligible; darks not applied",
+                        "reason": "dark_negligible"}
         res = calibration.build_master(kind, paths, cfg=cfg.calibration, cam=cfg.camera(band),
                                        master_bias=bias, exptimes_s=exptimes)
         if kind == "dark" and not calibration.dark_is_significant(

@@ -10,7 +10,7 @@ from astropy.io import fits
 from astropy.table import Table, vstack
 from astropy.wcs import WCS
 
-from daemon.astrometry import BadFit, detect_sources, relative_solution, solve
+from daemon.astrometry import BadFit, _extract, detect_sources, relative_solution, solve
 from daemon.config import AstrometryConfig
 from daemon.simulate import SimOptions, load_truth, simulate_night
 
@@ -93,6 +93,17 @@ def test_detected_centroids_match_true_star_positions(night):
     d = np.hypot(bright["x"][:, None] - stars["x"][None, :],
                  bright["y"][:, None] - stars["y"][None, :]).min(axis=1)
     assert np.median(d) < 0.1 * fwhm
+
+
+def test_an_object_larger_than_the_small_pixel_stack_is_still_extracted():
+    # detect_sources runs sep with a small pixel stack (fast) and retries with a
+    # large one when an object fills it: here a 700 x 700 px plateau (490 000 px
+    # above threshold, a dome light or a moon ghost) next to one star.
+    img = np.zeros((1000, 1000), np.float32)
+    img[100:800, 100:800] = 50.0
+    img[900, 900] = 200.0
+    objs = _extract(img, 5.0, err=1.0, minarea=1, filter_kernel=None, deblend_cont=1.0)
+    assert sorted(objs["npix"]) == [1, 490_000]
 
 
 @pytest.mark.parametrize("band", ["g", "r", "i"])
