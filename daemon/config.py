@@ -172,6 +172,10 @@ class PhotometryConfig:
     sky_err_floor_e_per_px: float = 0.0  # systematic floor on the local-sky error
     cosmic_sigma: float = 5.0  # a cosmic-ray pixel stands this many sigma above its neighbours
     cosmic_contrast: float = 2.0  # ... and is this many times sharper than the stars' peaks
+    # On a bright star's core, a pixel this far (fraction of the star's height) plus
+    # cosmic_sigma above its mirror image through the centre is a hit. Round PSFs
+    # stay within 0.04 (interpolation); raise it for a lopsided PSF (coma, trailing).
+    cosmic_mirror_tolerance: float = 0.1
     # Light curves: comparison ensemble and zero point.
     comparison_max_err_mag: float = 0.02
     comparison_max_chi2: float = 4.0  # reduced chi^2 above which a comparison "varies"

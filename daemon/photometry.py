@@ -87,8 +87,12 @@ class FrameSummary:
         Uncertainty of ``apcorr_mag`` (mag), common to every star of the frame
         (it cancels in differential photometry and in a per-frame zero point).
     apcorr_scatter_mag : float
-        Star-to-star scatter of the correction beyond measurement noise (mag);
-        already included in every star's ``flux_err_e``.
+        Star-to-star scatter of the correction beyond measurement noise and
+        pixel phase (mag); already included in every star's ``flux_err_e``.
+    pixel_phase_mag : float
+        Scatter of the optimal-aperture flux with the star's sub-pixel
+        position (mag), modelled for this FWHM and radius (see
+        :func:`pixel_phase_scatter`); included in every star's ``flux_err_e``.
     n_growth_stars : int
         Stars that built the curve of growth.
     n_stars : int
@@ -120,6 +124,7 @@ class FrameSummary:
     n_cosmic_px: int
     growth_radii_fwhm: tuple[float, ...] = ()
     growth_curve: tuple[float, ...] = ()
+    pixel_phase_mag: float = 0.0
 
 
 def star_ids(stars: Table) -> np.ndarray:
@@ -264,6 +269,19 @@ def measure_frame(
         else:
             flags[k] |= NO_CENTROID
 
+    # --- cosmic rays on bright cores: the PSF is point-symmetric -----------
+    # On a bright star's core the spike test above needs a hit to outshine the
+    # star's own profile; a pixel standing far above its mirror image through
+    # the star's centre is a hit however bright the star.
+    bright = np.flatnonzero(snr0 >= _MIRROR_MIN_SNR)
+    if len(bright):
+        mr, mc = _mirror_hits(clean, bad_cr, x, y, bright, cfg.aperture_max_fwhm * fwhm + 1.0,
+                              sky0, rdnoise_e**2, cfg.cosmic_sigma, fwhm,
+                              cfg.cosmic_mirror_tolerance)
+        if len(mr):
+            cr_mask[mr, mc] = True
+            bad_cr[mr, mc] = True
+
     # --- local sky at the final positions ---------------------------------
     sky = np.empty(n)
     sky_sig = np.empty(n)
@@ -296,7 +314,7 @@ def measure_frame(
         cand = (snr0 >= 30) & ~edge_big & ~bad_big & (contam_big < 0.05) & (flags == 0)
         cand_idx = np.flatnonzero(cand)
     cand_idx = cand_idx[np.argsort(-snr0[cand_idx])][: cfg.growth_max_stars]
-    curve, r_opt, apcorr, apcorr_err, apcorr_scatter = _growth(
+    curve, r_opt, apcorr, apcorr_err, apcorr_scatter, phase = _growth(
         clean, bad, x[cand_idx], y[cand_idx], sky[cand_idx], pix_var[cand_idx],
         sky_mean_var[cand_idx], radii, radii_fwhm, fwhm, float(np.median(n_sky) if n else 1.0))
 
@@ -311,7 +329,9 @@ def measure_frame(
     var = np.maximum(flux_ap, 0) + areas[:, 0] * pix_var + areas[:, 0] ** 2 * sky_mean_var
     frac = 10 ** (0.4 * apcorr)  # fraction of the growth-radius flux inside r_opt
     flux = flux_ap / frac
-    flux_err = np.sqrt(var / frac**2 + (flux * apcorr_scatter / _MAG) ** 2)
+    # Star-to-star terms a star's own counts do not show: the aperture
+    # correction's scatter (PSF changes over the field) and the pixel phase.
+    flux_err = np.sqrt(var / frac**2 + (flux / _MAG) ** 2 * (apcorr_scatter**2 + phase**2))
     contam = _contamination(x, y, flux_est, r_opt, fwhm)
     flags[contam > cfg.neighbour_max_contamination] |= NEIGHBOUR
     flags[(x - r_opt < -0.5) | (x + r_opt > nx - 0.5) | (y - r_opt < -0.5)
@@ -366,6 +386,7 @@ def measure_frame(
         centroid_dx_px=dx, centroid_dy_px=dy, n_cosmic_px=int(cr_mask.sum()),
         growth_radii_fwhm=tuple(float(r) for r in radii_fwhm),
         growth_curve=tuple(float(g) for g in curve),
+        pixel_phase_mag=phase,
     )
     return table, summary
 
@@ -615,6 +636,60 @@ def _mirror_repair(clean: np.ndarray, data: np.ndarray, hits: np.ndarray, bad: n
     return out
 
 
+# Stars at least this bright (S/N in a 1-FWHM aperture) get the mirror test:
+# fainter cores are low enough for the spike test to see any hit that matters.
+_MIRROR_MIN_SNR = 50.0
+
+
+def _mirror_hits(img: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarray,
+                 which: np.ndarray, radius: float, sky: np.ndarray, rd2: float, sigma: float,
+                 fwhm: float, tolerance: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels of bright stars' cores standing far above their point-mirrored value.
+
+    For star ``k`` in ``which``, every good pixel within ``radius`` of its
+    centre is compared with the bilinear interpolation of ``img`` at the
+    point reflected through the centre. A hit when the excess exceeds
+    ``sigma`` times the noise of the two plus ``tolerance`` times the
+    mirror's height above ``sky[k]``. Pixels near another star (within 2
+    FWHM of it) are not judged: a neighbour is not point-symmetric about us.
+    Returns (rows, cols) of the hits.
+    """
+    ny, nx = img.shape
+    rows_out, cols_out = [], []
+    others = np.column_stack([x, y])
+    for k in which:
+        xs, ys = float(x[k]), float(y[k])
+        sy, sx = _box(img.shape, xs, ys, radius)
+        py, px = np.mgrid[sy, sx]
+        py, px = py.ravel(), px.ravel()
+        mx, my = 2 * xs - px, 2 * ys - py
+        x0, y0 = np.floor(mx).astype(int), np.floor(my).astype(int)
+        ok = ((px - xs) ** 2 + (py - ys) ** 2 <= radius**2) & (x0 >= 0) & (y0 >= 0) \
+            & (x0 < nx - 1) & (y0 < ny - 1) & ~bad[py, px]
+        near = np.flatnonzero((np.abs(others[:, 0] - xs) < radius + 2 * fwhm)
+                              & (np.abs(others[:, 1] - ys) < radius + 2 * fwhm))
+        for j in near:
+            if j != k:
+                for qx, qy in ((px, py), (mx, my)):
+                    ok &= (qx - x[j]) ** 2 + (qy - y[j]) ** 2 > (2.0 * fwhm) ** 2
+        if not ok.any():
+            continue
+        py, px, mx, my, x0, y0 = py[ok], px[ok], mx[ok], my[ok], x0[ok], y0[ok]
+        quad_bad = bad[y0, x0] | bad[y0, x0 + 1] | bad[y0 + 1, x0] | bad[y0 + 1, x0 + 1]
+        fx, fy = mx - x0, my - y0
+        mirror = (img[y0, x0] * (1 - fx) * (1 - fy) + img[y0, x0 + 1] * fx * (1 - fy)
+                  + img[y0 + 1, x0] * (1 - fx) * fy + img[y0 + 1, x0 + 1] * fx * fy)
+        v = img[py, px]
+        noise = np.sqrt(np.maximum(v, 0.0) + np.maximum(mirror, 0.0) + 2 * rd2)
+        hit = (v - mirror > sigma * noise + tolerance * np.maximum(mirror - sky[k], 0.0)) \
+            & ~quad_bad
+        rows_out.append(py[hit])
+        cols_out.append(px[hit])
+    if not rows_out:
+        return np.zeros(0, int), np.zeros(0, int)
+    return np.concatenate(rows_out), np.concatenate(cols_out)
+
+
 def _box(shape: tuple[int, int], x: float, y: float, half: float) -> tuple[slice, slice]:
     ny, nx = shape
     x0, x1 = max(int(math.floor(x - half)), 0), min(int(math.ceil(x + half)) + 1, nx)
@@ -821,18 +896,20 @@ def _contamination(x: np.ndarray, y: np.ndarray, flux: np.ndarray, r_ap: float,
 def _growth(img: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarray, sky: np.ndarray,
             pix_var: np.ndarray, sky_mean_var: np.ndarray, radii: np.ndarray,
             radii_fwhm: np.ndarray, fwhm: float,
-            n_sky: float) -> tuple[np.ndarray, float, float, float, float]:
+            n_sky: float) -> tuple[np.ndarray, float, float, float, float, float]:
     """Curve of growth, optimal radius and aperture correction.
 
     Returns (normalised curve at ``radii_fwhm``, optimal radius px,
-    correction mag, its error mag, star-to-star scatter mag).
+    correction mag, its error mag, star-to-star scatter mag, pixel-phase
+    scatter mag).
     """
     n = len(x)
     if n == 0:
         # Nothing to learn from: the textbook optimum and no correction (flagged
         # by n_growth_stars = 0 in the summary; the zero point absorbs it).
         r_opt = 0.7 * fwhm
-        return np.full(len(radii_fwhm), np.nan), r_opt, 0.0, 0.1, 0.0
+        phase = pixel_phase_scatter(fwhm, r_opt, _GAUSSIAN_BETA)
+        return np.full(len(radii_fwhm), np.nan), r_opt, 0.0, 0.1, 0.0, phase
     sums, areas = _aperture_sums(img, bad, x, y, radii)
     net = sums - sky[:, None] * areas
     var = np.maximum(net, 0) + areas * pix_var[:, None] + areas**2 * sky_mean_var[:, None]
@@ -845,9 +922,13 @@ def _growth(img: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarray, sky:
     # signal ~ G(r), noise ~ sqrt(area (1 + area / n_sky)) (pixel + sky-estimate noise).
     snr = curve / np.sqrt(area * (1 + area / max(n_sky, 1.0)))
     if not np.isfinite(snr).any():
-        return curve, 0.7 * fwhm, 0.0, 0.1, 0.0
+        return (curve, 0.7 * fwhm, 0.0, 0.1, 0.0,
+                pixel_phase_scatter(fwhm, 0.7 * fwhm, _GAUSSIAN_BETA))
     j = int(np.nanargmax(snr))
     r_opt = float(radii_fwhm[j] * fwhm)
+    # Each growth star's correction also carries its own pixel phase at r_opt
+    # (negligible at the growth radius): known, so not taken for PSF scatter.
+    phase = pixel_phase_scatter(fwhm, r_opt, _moffat_beta(curve, radii_fwhm, radii[-1] / fwhm))
     # Per-star correction at r_opt and its noise (the two sums share the inner pixels).
     net_r, net_R = net[ok, j], total[ok]
     var_r, var_R = var[ok, j], var[ok, -1]
@@ -861,7 +942,7 @@ def _growth(img: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarray, sky:
     use = np.isfinite(ci) & (noise < 0.03)
     if not use.any():
         use = np.isfinite(ci) & (noise <= np.sort(noise)[min(2, len(noise) - 1)])
-    ci, noise = ci[use], noise[use]
+    ci, noise = ci[use], np.hypot(noise[use], phase)
     for _ in range(5):
         w = 1 / np.maximum(noise, 1e-4) ** 2
         centre = _weighted_median(ci, w)
@@ -869,10 +950,11 @@ def _growth(img: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarray, sky:
         if keep.all() or keep.sum() < 2:
             break
         ci, noise = ci[keep], noise[keep]
-    # The star-to-star part (pixel phase, PSF variation across the field) is
-    # small: judge it only from stars measured to 5 mmag, so that the
-    # unmodelled noise of fainter growth stars is not mistaken for it.
-    precise = noise < 0.005
+    # The rest of the star-to-star part (PSF variation across the field) is
+    # small: judge it only from stars measured to 5 mmag (beyond the phase
+    # term), so that the unmodelled noise of fainter growth stars is not
+    # mistaken for it.
+    precise = noise < math.hypot(0.005, phase)
     scatter = _excess_scatter(ci[precise], noise[precise]) if precise.sum() >= 5 else 0.0
     w = 1 / (np.maximum(noise, 1e-4) ** 2 + scatter**2)
     # Convention: apcorr (mag, <= 0) is added to the aperture magnitude.
@@ -881,7 +963,106 @@ def _growth(img: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarray, sky:
     if len(ci) >= 3:
         chi2 = float((w * (ci + apcorr) ** 2).sum() / (len(ci) - 1))
         err *= math.sqrt(max(chi2, 1.0))
-    return curve, r_opt, apcorr, err, scatter
+    return curve, r_opt, apcorr, err, scatter, phase
+
+
+# --------------------------------------------------------------------------- pixel phase
+
+_GAUSSIAN_BETA = math.inf  # a Moffat profile with beta -> infinity is a Gaussian
+_BETAS = (1.5, 2.0, 2.5, 3.0, 3.5, 4.5, 6.0, _GAUSSIAN_BETA)
+_PHASE_GRID = 8  # sub-pixel positions per axis (64 stars)
+_PHASE_SUBSAMPLE = 9  # pixel integration of the model PSF
+_PHASE_MAX_FWHM_PX = 10.0  # beyond: < 0.2 mmag at 0.75 FWHM (Moffat beta 3), taken as 0
+_phase_cache: dict[tuple[float, float, float], float] = {}
+
+
+def _enclosed(r: np.ndarray, fwhm: float, beta: float) -> np.ndarray:
+    """Fraction of a circular Moffat (or Gaussian) star's flux within radius ``r``."""
+    r = np.asarray(r, float)
+    if math.isinf(beta):
+        return 1.0 - np.exp(-0.5 * (r * 2.3548200450309493 / fwhm) ** 2)
+    alpha = fwhm / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    return 1.0 - (1.0 + (r / alpha) ** 2) ** (1.0 - beta)
+
+
+def _moffat_beta(curve: np.ndarray, radii_fwhm: np.ndarray, big_fwhm: float) -> float:
+    """The Moffat beta (or Gaussian) whose curve of growth is nearest the measured one."""
+    ok = np.isfinite(curve)
+    if not ok.any():
+        return _GAUSSIAN_BETA
+    best, best_cost = _GAUSSIAN_BETA, math.inf
+    for beta in _BETAS:
+        model = _enclosed(radii_fwhm[ok], 1.0, beta) / _enclosed(np.array(big_fwhm), 1.0, beta)
+        cost = float(np.sum((model - curve[ok]) ** 2))
+        if cost < best_cost:
+            best, best_cost = beta, cost
+    return best
+
+
+def pixel_phase_scatter(fwhm_px: float, radius_px: float, beta: float = 3.0) -> float:
+    """Scatter of an aperture's flux with the star's position inside its pixel.
+
+    An aperture sum weights each pixel by the area the circle covers, as if
+    the pixel's light were spread evenly over it; with a PSF only a few pixels
+    wide it is not, so the fraction of the flux a small aperture catches
+    changes with where the star falls on the pixel grid (4-5 mmag at
+    FWHM 3 px and 0.75 FWHM). The aperture correction takes out the mean;
+    this is the scatter about it, which no photon count shows. Computed as
+    the aperture-sum scatter of 64 pixel-integrated model stars on a regular
+    grid of sub-pixel positions (cached per FWHM, radius and beta).
+
+    Parameters
+    ----------
+    fwhm_px : float
+        Seeing FWHM (px).
+    radius_px : float
+        Aperture radius (px).
+    beta : float
+        Moffat beta of the PSF model; ``math.inf`` for a Gaussian.
+
+    Returns
+    -------
+    float
+        Standard deviation of the aperture magnitude over sub-pixel positions
+        (mag); 0 for FWHM above 10 px, where it is below 0.2 mmag.
+    """
+    fwhm, r = float(fwhm_px), float(radius_px)
+    if not (fwhm > 0 and r > 0) or fwhm > _PHASE_MAX_FWHM_PX:
+        return 0.0
+    key = (round(fwhm, 3), round(r, 3), beta)
+    if key in _phase_cache:
+        return _phase_cache[key]
+    g, sub = _PHASE_GRID, _PHASE_SUBSAMPLE
+    cell = 2 * int(math.ceil(r)) + 6
+    size = g * cell
+    phases = (np.arange(g) + 0.5) / g
+    # star (i, j) sits at sub-pixel phase (phases[j], phases[i]) in the middle of its cell
+    centre = np.arange(g) * cell + cell // 2
+    ys, xs = np.meshgrid(centre + phases, centre + phases, indexing="ij")
+    offs = (np.arange(sub) + 0.5) / sub - 0.5
+    coord = (np.arange(size)[:, None] + offs[None, :]).ravel()  # sub-sampled pixel centres
+    owner = np.minimum(np.arange(size) // cell, g - 1).repeat(sub)
+    img = np.zeros((size, size))
+    for i in range(g):
+        rows = owner == i
+        dy2 = (coord[rows] - ys[i, 0]) ** 2
+        for j in range(g):
+            cols = owner == j
+            dx2 = (coord[cols] - xs[i, j]) ** 2
+            r2 = dy2[:, None] + dx2[None, :]
+            if math.isinf(beta):
+                prof = np.exp(-0.5 * r2 * (2.3548200450309493 / fwhm) ** 2)
+            else:
+                alpha = fwhm / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
+                prof = (1.0 + r2 / alpha**2) ** (-beta)
+            img[i * cell:(i + 1) * cell, j * cell:(j + 1) * cell] = prof.reshape(
+                cell, sub, cell, sub).mean(axis=(1, 3))
+    sums = CircularAperture(np.column_stack([xs.ravel(), ys.ravel()]), r).do_photometry(img)[0]
+    value = float(_MAG * np.std(sums) / np.mean(sums))
+    if len(_phase_cache) > 4096:
+        _phase_cache.clear()
+    _phase_cache[key] = value
+    return value
 
 
 def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
