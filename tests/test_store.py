@@ -403,6 +403,26 @@ def test_replace_lightcurve_rederives_whole_curve(store: Store) -> None:
         store.replace_lightcurve("M67", "g", [{"frame_id": 1, "band": "r"}], ensemble_version=3)
 
 
+def test_a_stale_light_curve_mark_survives_a_crash_and_clears_with_the_new_curve(
+    db_path: Path,
+) -> None:
+    # The daemon marks a curve stale in the transaction that stores new
+    # measurements and derives it later; a restart finds the marks.
+    with Store.open(db_path) as s:
+        fid = add_frame(s, 1)
+        with s.transaction():
+            s.mark_lightcurve_stale("OJ287", "r")
+            s.mark_lightcurve_stale("OJ287", "r")  # twice: still one mark
+        s.mark_lightcurve_stale("OJ287", "g")
+        with pytest.raises(RuntimeError), s.transaction():
+            s.mark_lightcurve_stale("PKS0235+164", "i")
+            raise RuntimeError("killed before commit")
+    with Store.open(db_path) as s:  # "after the crash"
+        assert sorted(s.stale_lightcurves()) == [("OJ287", "g"), ("OJ287", "r")]
+        s.replace_lightcurve("OJ287", "r", [{"frame_id": fid, "diff_mag": 0.1}], 1)
+        assert s.stale_lightcurves() == [("OJ287", "g")]
+
+
 # ---- calibrations and detector parameters -----------------------------------
 
 
