@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 from astropy.table import Table
 
 from daemon.config import Config
@@ -45,14 +46,21 @@ def measurement_table(store: Store, target: str, band: str) -> Table | None:
     for fid in frames:
         sol = store.solution(fid)
         scale[fid] = sol["scale_arcsec"] if sol else math.nan
-    return Table(rows=[{
-        "frame": r["frame_id"], "star_id": r["star_id"], "x_px": _nan(r["x_px"]),
-        "y_px": _nan(r["y_px"]), "mag_inst": _nan(r["mag_inst"]),
-        "mag_inst_err": _nan(r["mag_inst_err"]), "flags": r["flags"] or 0,
-        "aperture_px": _nan(r["aperture_px"]), "mjd": _nan(r["mjd_mid"]),
-        "bjd_tdb": _nan(r["bjd_tdb"]), "airmass": _nan(r["airmass"]),
-        "fwhm_arcsec": _nan(r["fwhm_px"]) * scale.get(r["frame_id"], math.nan),
-    } for r in rows])
+    # Column by column: astropy builds a table from a list of row dicts ~10x slower.
+    def col(key: str) -> np.ndarray:
+        return np.array([_nan(r[key]) for r in rows], float)
+
+    return Table({
+        "frame": np.array([r["frame_id"] for r in rows], np.int64),
+        "star_id": [r["star_id"] for r in rows],
+        "x_px": col("x_px"), "y_px": col("y_px"), "mag_inst": col("mag_inst"),
+        "mag_inst_err": col("mag_inst_err"),
+        "flags": np.array([r["flags"] or 0 for r in rows], np.int64),
+        "aperture_px": col("aperture_px"), "mjd": col("mjd_mid"), "bjd_tdb": col("bjd_tdb"),
+        "airmass": col("airmass"),
+        "fwhm_arcsec": col("fwhm_px") * np.array([scale.get(r["frame_id"], math.nan)
+                                                  for r in rows], float),
+    })
 
 
 def relative_frames(store: Store, frame_ids: Any) -> tuple[dict[int, str], str | None]:

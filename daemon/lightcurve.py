@@ -511,11 +511,14 @@ def derive_lightcurve(
 
 
 def _frame_column(meas: Table, name: str, fidx: dict[int, int], nf: int) -> list[float]:
-    out = [float("nan")] * nf
-    if name in meas.colnames:
-        for f, v in zip(meas["frame"], meas[name], strict=True):
-            out[fidx[int(f)]] = float(v)
-    return out
+    out = np.full(nf, np.nan)
+    if name in meas.colnames and len(meas):
+        keys = np.fromiter(fidx.keys(), int, len(fidx))
+        order = np.argsort(keys)
+        where = np.fromiter(fidx.values(), int, len(fidx))[order]
+        frames = np.asarray(meas["frame"], int)
+        out[where[np.searchsorted(keys[order], frames)]] = np.asarray(meas[name], float)
+    return out.tolist()
 
 
 def _candidates(M: np.ndarray, E: np.ndarray, F: np.ndarray, cat_mag: np.ndarray,
@@ -586,10 +589,25 @@ def _exclusion(present: np.ndarray, flags: np.ndarray, med_err: float, cat_mag: 
 def _weights(E: np.ndarray) -> np.ndarray:
     """Nightly weight of each star: 1 / its median error^2 (0 for a star never measured)."""
     out = np.zeros(len(E))
-    for k, row in enumerate(E):
-        e = row[np.isfinite(row)]
-        if len(e) and np.median(e) > 0:
-            out[k] = 1 / float(np.median(e)) ** 2
+    if len(E) == 0:
+        return out
+    med = _row_medians(E)
+    good = np.isfinite(med) & (med > 0)
+    out[good] = 1 / med[good] ** 2
+    return out
+
+
+def _row_medians(a: np.ndarray) -> np.ndarray:
+    """``np.nanmedian(a, axis=1)`` (NaN for a row without values), without its
+    masked-array path, which is slow on the small arrays of a light curve."""
+    a = np.asarray(a, float)
+    if a.ndim != 2 or a.shape[1] == 0:
+        return np.full(len(a), np.nan)
+    n = np.isfinite(a).sum(axis=1)
+    s = np.sort(a, axis=1)  # NaN sort last
+    rows = np.arange(len(a))
+    out = (s[rows, np.maximum((n - 1) // 2, 0)] + s[rows, np.minimum(n // 2, a.shape[1] - 1)]) / 2
+    out[n == 0] = np.nan
     return out
 
 
@@ -602,8 +620,11 @@ def _levels(M: np.ndarray, E: np.ndarray, w: np.ndarray) -> np.ndarray:
         return level
     for _ in range(3):
         ens, _e, _n = _ensemble(M, E, w, level)
-        level = np.array([np.nanmean(M[k] - ens) if np.isfinite(M[k] - ens).any() else 0.0
-                          for k in range(len(M))])
+        diff = M - ens[None, :]
+        seen = np.isfinite(diff)
+        n_seen = seen.sum(axis=1)
+        level = np.where(seen, diff, 0.0).sum(axis=1) / np.maximum(n_seen, 1)
+        level[n_seen == 0] = 0.0
         level -= (w * level).sum() / w.sum()
     return level
 
