@@ -283,10 +283,12 @@ def measure_frame(
             bad_cr[mr, mc] = True
 
     # --- local sky at the final positions ---------------------------------
-    sky = np.empty(n)
-    sky_sig = np.empty(n)
-    n_sky = np.empty(n, int)
-    for k in range(n):
+    # A star that moved by a few hundredths of the annulus width keeps its
+    # first-pass sky (the annulus is 2 FWHM wide): half the sky work on a frame
+    # whose WCS is good. The mirror test's new hits lie inside apertures.
+    sky, sky_sig, n_sky = sky0.copy(), sig0.copy(), nsky0.copy()
+    moved = np.hypot(x - x0, y - y0) > _SKY_REUSE_FWHM * fwhm
+    for k in np.flatnonzero(moved):
         sky[k], sky_sig[k], n_sky[k] = _local_sky(clean, bad_cr, x[k], y[k], r_in, r_out,
                                                   x, y, k, fwhm, cfg.sky_clip_sigma)
     nominal_sky_px = math.pi * (r_out**2 - r_in**2)
@@ -636,6 +638,9 @@ def _mirror_repair(clean: np.ndarray, data: np.ndarray, hits: np.ndarray, bad: n
     return out
 
 
+# A star whose final position is within this many FWHM of its first-pass one
+# keeps its first-pass sky.
+_SKY_REUSE_FWHM = 0.05
 # Stars at least this bright (S/N in a 1-FWHM aperture) get the mirror test:
 # fainter cores are low enough for the spike test to see any hit that matters.
 _MIRROR_MIN_SNR = 50.0
