@@ -392,8 +392,8 @@ def dark_level_adu_per_s(
     -------
     float
         Median over the frames of each frame's clipped median of
-        (frame - bias) / exposure time (ADU/s per pixel); 0 when no frame has
-        the master's shape or a positive exposure time. A cheap stand-in for
+        (frame - bias) / exposure time (ADU/s per pixel); NaN when no frame has
+        the master's shape and a positive exposure time. A cheap stand-in for
         the median of a combined master when deciding whether darks matter.
     """
     rates = []
@@ -401,7 +401,7 @@ def dark_level_adu_per_s(
         data = apply_overscan_trim(read_frame(p)[0], cam)
         if t > 0 and data.shape == master_bias.shape:
             rates.append(robust_level(data - master_bias) / float(t))
-    return float(np.median(rates)) if rates else 0.0
+    return float(np.median(rates)) if rates else float("nan")
 
 
 def dark_is_significant(

@@ -273,8 +273,10 @@ def measure_frame(
     # On a bright star's core the spike test above needs a hit to outshine the
     # star's own profile; a pixel standing far above its mirror image through
     # the star's centre is a hit however bright the star.
-    bright = np.flatnonzero(snr0 >= _MIRROR_MIN_SNR)
-    if len(bright):
+    # Stars whose centroid failed are not mirrored about a trustworthy centre,
+    # and below 3 px FWHM bilinear interpolation of the core is too coarse.
+    bright = np.flatnonzero((snr0 >= _MIRROR_MIN_SNR) & ~(flags & NO_CENTROID).astype(bool))
+    if len(bright) and fwhm >= _MIRROR_MIN_FWHM_PX:
         mr, mc = _mirror_hits(clean, bad_cr, x, y, bright, cfg.aperture_max_fwhm * fwhm + 1.0,
                               sky0, rdnoise_e**2, cfg.cosmic_sigma, fwhm,
                               cfg.cosmic_mirror_tolerance)
@@ -644,6 +646,9 @@ _SKY_REUSE_FWHM = 0.05
 # Stars at least this bright (S/N in a 1-FWHM aperture) get the mirror test:
 # fainter cores are low enough for the spike test to see any hit that matters.
 _MIRROR_MIN_SNR = 50.0
+# Below this FWHM (px) the interpolated mirror image of a clean core misses by
+# more than the tolerance (about 2 false hits per bright star at 1.5-2 px).
+_MIRROR_MIN_FWHM_PX = 3.0
 
 
 def _mirror_hits(img: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarray,

@@ -494,11 +494,13 @@ class Engine:
             self.dirty_masters.discard(key)
 
     # ------------------------------------------------------------------ dispatch
-    def dispatch(self, masters: bool = True) -> None:
+    def dispatch(self, masters: bool = True, science: bool = True) -> None:
         """Hand queued frames to the pool, respecting order and calibration.
 
-        ``masters=False`` holds master rebuilds back (while a scan is still
-        registering frames, a batch of calibration frames is not complete yet).
+        ``masters=False`` and ``science=False`` hold master rebuilds and science
+        frames back: while a scan is still registering frames, a batch of
+        calibration frames is not complete yet, and a science frame may not
+        know yet that its night has calibration frames.
         """
         if self.pool_broken:
             return  # renew_pool() replaces it once the frames in hand are back
@@ -515,7 +517,7 @@ class Engine:
                 continue
             info = self._queued(fid)
             if info and info[3] not in CALIBRATION_KINDS and (
-                    info[:3] in busy_series or info[:2] in cal_busy):
+                    not science or info[:3] in busy_series or info[:2] in cal_busy):
                 keep.append(fid)  # cheap early wait; the checks below are authoritative
                 continue
             frame = self.store.frame(fid)
@@ -536,7 +538,8 @@ class Engine:
                 self.dispatched_sha[fut] = frame["sha256"]
             else:
                 series = (frame["night"], frame["band"], entry.name)
-                if series in busy_series or (frame["night"], frame["band"]) in cal_busy:
+                if not science or series in busy_series or \
+                        (frame["night"], frame["band"]) in cal_busy:
                     keep.append(fid)  # keep time order; wait for the newest masters
                     continue
                 ready, radec = self.pointing(entry)
@@ -846,14 +849,39 @@ class Engine:
             if (not force and key in waiting and last is not None
                     and time.monotonic() - last < self.cfg.daemon.lightcurve_interval_s):
                 continue
+            if not self._curve_ready(key[0]):
+                if force:  # stopping: the stale mark in the store carries it to the next start
+                    self.curve_pending.pop(key)
+                continue
             events = self.curve_pending.pop(key)
-            with self.store.transaction():
-                self._derive_lightcurve(*key)
+            try:
+                with self.store.transaction():
+                    self._derive_lightcurve(*key)
+            except Exception as exc:  # keep the daemon (and the mark) alive; say which curve
+                self.log.error("light curve not derived", stage="lightcurve", target=key[0],
+                               band=key[1], reason=type(exc).__name__, error=str(exc),
+                               frames=[ev["frame"] for ev in events])
+                continue
             self.curve_derived_at[key] = time.monotonic()
             for ev in events:
                 closed_at = ev.pop("closed_at")
                 self.log.info("frame done", stage="store", **ev,
                               latency_s=round(time.time() - closed_at, 3))
+
+    def _curve_ready(self, target: str) -> bool:
+        """Whether the target's catalog cone is at hand (asking for it if not).
+
+        After a restart the cones are fetched again off the main loop; a curve
+        derived before its cone arrives would lose its calibrated magnitudes.
+        """
+        entry = next((e for _m, parsed in self.logs.values() for e in parsed.entries
+                      if e.name == target and not e.is_calibration), None)
+        if entry is None:
+            return True  # no log line any more: derive from what is stored
+        ready, radec = self.pointing(entry)
+        if not ready:
+            return False
+        return radec is None or self.stars_for(radec)[0]
 
     def _derive_lightcurve(self, target: str, band: str) -> None:
         """Re-derive the target's whole differential curve from the stored measurements.
@@ -893,7 +921,7 @@ class Engine:
             if n % 16 == 15:
                 # A night's backlog takes seconds to register (every file is
                 # hashed): keep the workers busy meanwhile.
-                self.dispatch(masters=False)
+                self.dispatch(masters=False, science=False)
                 self.collect(timeout_s=0)
         for path in list(self.incomplete):
             self.intake_frame(path)
@@ -946,6 +974,7 @@ class Engine:
         elif not low and self.paused:
             self.log.warning("work disk has room again: intake resumed", stage="disk",
                              free_mb=round(free_mb, 1))
+            self.paused = False  # before the rescan, which registers nothing while paused
             self.rescan()
         self.paused = low
 
@@ -1032,9 +1061,10 @@ def build_master_task(kind: str, paths: list[str], cfg: Config, band: str, night
         exptimes = None
         if kind == "dark":
             exptimes = [float(fits.getheader(p).get("EXPTIME", 0.0)) for p in paths]
-            if bias is not None and calibration.dark_level_adu_per_s(
-                    paths, bias, exptimes, cfg.camera(band)) * 1.6 <= \
-                    cfg.camera(band).dark_current_e_per_s:
+            level = calibration.dark_level_adu_per_s(paths, bias, exptimes, cfg.camera(band)) \
+                if bias is not None else float("nan")
+            # (NaN: no usable dark; build_master below says why)
+            if level * 1.6 <= cfg.camera(band).dark_current_e_per_s:
                 # decided from the frames' levels: no need to combine a master to drop it
                 return {"error": "dark current negligible; darks not applied",
                         "reason": "dark_negligible"}
