@@ -12,7 +12,7 @@ from pathlib import Path
 
 from daemon.config import Config
 from daemon.obslog import slug
-from daemon.scheduler import store_path
+from daemon.scheduler import pause_marker, store_path
 from daemon.store import Store
 
 
@@ -35,6 +35,9 @@ def status(cfg: Config, *, as_json: bool = False) -> int:
     if as_json:
         print(json.dumps(data, indent=1))
         return 0
+    paused = _paused(cfg)
+    if paused:
+        print(paused)
     total = sum(data["counts"].values())
     print(f"{total} frames: " + ", ".join(f"{n} {s}" for s, n in sorted(data["counts"].items())))
     for f in data["frames"]:
@@ -42,6 +45,18 @@ def status(cfg: Config, *, as_json: bool = False) -> int:
             print(f"  {f['state']:<15} {f['band'] or '-'}  {f['path']}"
                   + (f"  ({f['reason']})" if f["reason"] else ""))
     return 0
+
+
+def _paused(cfg: Config) -> str:
+    """A loud line when the daemon has paused intake for lack of disk, else ""."""
+    try:
+        info = json.loads(pause_marker(cfg.work_dir).read_text())
+    except (OSError, ValueError):
+        return ""
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info.get("since", 0))))
+    return (f"INTAKE PAUSED since {since}: the work disk had {info.get('free_mb')} MB free, "
+            f"below daemon.min_free_disk_mb = {info.get('min_free_disk_mb')}; new frames are "
+            f"not taken in until there is room")
 
 
 def _rows(cfg: Config, target: str, band: str | None) -> list[dict] | None:

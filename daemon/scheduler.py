@@ -42,6 +42,11 @@ STORE_NAME = "photd.sqlite"
 LOG_SUFFIXES = (".log", ".txt", ".csv", ".lst", "")
 
 
+def pause_marker(work: Path) -> Path:
+    """File that says intake is paused for lack of disk (read by ``photd status``)."""
+    return Path(work) / "intake-paused.json"
+
+
 def store_path(work: Path) -> Path:
     """Where the store lives inside a work folder."""
     return work / STORE_NAME
@@ -968,14 +973,24 @@ class Engine:
         self.work.mkdir(parents=True, exist_ok=True)
         free_mb = shutil.disk_usage(self.work).free / 1e6
         low = free_mb < self.cfg.daemon.min_free_disk_mb
+        marker = pause_marker(self.work)
         if low and not self.paused:
             self.log.error("WORK DISK NEARLY FULL: intake paused", stage="disk",
                            reason="disk_full", free_mb=round(free_mb, 1))
-        elif not low and self.paused:
-            self.log.warning("work disk has room again: intake resumed", stage="disk",
-                             free_mb=round(free_mb, 1))
-            self.paused = False  # before the rescan, which registers nothing while paused
-            self.rescan()
+            try:  # for `photd status`; a few bytes, but the disk is nearly full
+                atomic_write_text(marker, json.dumps({
+                    "since": time.time(), "free_mb": round(free_mb, 1),
+                    "min_free_disk_mb": self.cfg.daemon.min_free_disk_mb}))
+            except OSError as exc:
+                self.log.error("cannot record the pause", stage="disk", reason="disk_full",
+                               error=str(exc))
+        elif not low:
+            if self.paused:
+                self.log.warning("work disk has room again: intake resumed", stage="disk",
+                                 free_mb=round(free_mb, 1))
+                self.paused = False  # before the rescan, which registers nothing while paused
+                self.rescan()
+            marker.unlink(missing_ok=True)  # also one left by an earlier run
         self.paused = low
 
     def housekeeping(self) -> None:

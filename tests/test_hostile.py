@@ -243,6 +243,13 @@ def _status(cfg: Path) -> dict:
     return json.loads(out.stdout)
 
 
+def _status_text(cfg: Path) -> str:
+    out = subprocess.run([sys.executable, "-m", "daemon.cli", "status", "--config", str(cfg)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 def _files(root: Path, skip: Path) -> set[str]:
     return {str(p) for p in root.rglob("*") if skip not in p.parents and p != skip}
 
@@ -256,6 +263,7 @@ class Run:
     phase1_rc: int
     phase1_events: list[dict]
     phase1_frames: int
+    phase1_status_text: str
     rc: int
     events: list[dict]
     status: dict
@@ -267,6 +275,7 @@ class Run:
     deleted: str
     files_before: set[str]
     files_after: set[str]
+    status_text: str
 
 
 @pytest.fixture(scope="module")
@@ -287,6 +296,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     con = sqlite3.connect(db)
     phase1_frames = con.execute("SELECT count(*) FROM frames").fetchone()[0]
     con.close()
+    phase1_status_text = _status_text(cfg1)
     log.write_text("")
 
     # Phase 2: room again. A reader holds a snapshot from the start.
@@ -337,9 +347,10 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
         if held is not None:
             held.close()
     status = _status(cfg)
-    return Run(tmp, night, work, cfg, phase1_rc, phase1_events, phase1_frames, rc,
-               _events(log), status, {f["path"]: f for f in status["frames"]}, held_saw,
-               writer_frames, wal_bytes, replaced, deleted, files_before, _files(tmp, work))
+    return Run(tmp, night, work, cfg, phase1_rc, phase1_events, phase1_frames,
+               phase1_status_text, rc, _events(log), status,
+               {f["path"]: f for f in status["frames"]}, held_saw, writer_frames, wal_bytes,
+               replaced, deleted, files_before, _files(tmp, work), _status_text(cfg))
 
 
 # --------------------------------------------------------------------------- inputs
@@ -549,8 +560,12 @@ def test_full_work_disk_pauses_intake_loudly_and_takes_in_nothing(run: Run):
     loud = [e for e in run.phase1_events if e.get("reason") == "disk_full"]
     assert loud and loud[0]["level"] == "error" and "free_mb" in loud[0]
     assert run.phase1_frames == 0
+    # an operator sees it in `photd status`, with the config key to look at
+    assert run.phase1_status_text.startswith("INTAKE PAUSED")
+    assert "daemon.min_free_disk_mb = 1000000000000.0" in run.phase1_status_text
     # then, with room again, the same folder flows (checked by the case tests)
     assert run.status["counts"].get("done", 0) >= 12
+    assert "PAUSED" not in run.status_text
 
 
 def test_long_reader_does_not_stop_the_writer_and_the_wal_is_checkpointed_after(run: Run):
