@@ -405,14 +405,15 @@ def dark_level_adu_per_s(
 
 
 def dark_is_significant(
-    master_dark_adu_per_s: np.ndarray, *, gain_e_per_adu: float, cam: CameraConfig
+    master_dark_adu_per_s: np.ndarray | float, *, gain_e_per_adu: float, cam: CameraConfig
 ) -> bool:
     """Whether dark correction is worth applying (paper: skipped below 0.1 e-/px/s).
 
     Parameters
     ----------
-    master_dark_adu_per_s : ndarray
-        From :func:`combine_dark` (ADU/s).
+    master_dark_adu_per_s : ndarray or float
+        From :func:`combine_dark` (ADU/s), or a typical level such as
+        :func:`dark_level_adu_per_s` gives.
     gain_e_per_adu : float
         Detector gain (e-/ADU).
     cam : CameraConfig

@@ -603,6 +603,27 @@ def _spike_candidates(img: np.ndarray, rd2: float, sigma: float, *, slack: float
     return np.concatenate(rows_out), np.concatenate(cols_out)
 
 
+def _mirrored(img: np.ndarray, xs: float, ys: float, px: np.ndarray, py: np.ndarray,
+              *masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Value of ``img`` at the reflection of pixels (px, py) through (xs, ys).
+
+    Bilinear interpolation of the four pixels around the mirror point.
+    Returns (values, usable): not usable when the mirror point is off the
+    frame or one of its four pixels is set in any of ``masks``.
+    """
+    ny, nx = img.shape
+    mx, my = 2 * xs - px, 2 * ys - py
+    x0, y0 = np.floor(mx).astype(int), np.floor(my).astype(int)
+    usable = (x0 >= 0) & (y0 >= 0) & (x0 < nx - 1) & (y0 < ny - 1)
+    x0, y0 = np.where(usable, x0, 0), np.where(usable, y0, 0)
+    for m in masks:
+        usable &= ~(m[y0, x0] | m[y0, x0 + 1] | m[y0 + 1, x0] | m[y0 + 1, x0 + 1])
+    fx, fy = mx - x0, my - y0
+    values = (img[y0, x0] * (1 - fx) * (1 - fy) + img[y0, x0 + 1] * fx * (1 - fy)
+              + img[y0 + 1, x0] * (1 - fx) * fy + img[y0 + 1, x0 + 1] * fx * fy)
+    return values, usable
+
+
 def _mirror_repair(clean: np.ndarray, data: np.ndarray, hits: np.ndarray, bad: np.ndarray,
                    x: np.ndarray, y: np.ndarray, radius: float, *,
                    inplace: bool = False) -> np.ndarray:
@@ -616,27 +637,16 @@ def _mirror_repair(clean: np.ndarray, data: np.ndarray, hits: np.ndarray, bad: n
     if not hits.any():
         return clean
     out = clean if inplace else clean.copy()
-    ny, nx = data.shape
     for xs, ys in zip(x, y, strict=True):
         sy, sx = _box(hits.shape, xs, ys, radius)
-        sub = hits[sy, sx]
-        if not sub.any():
+        iy, ix = np.nonzero(hits[sy, sx])
+        if not len(iy):
             continue
-        for iy, ix in zip(*np.nonzero(sub), strict=True):
-            py, px = iy + sy.start, ix + sx.start
-            if (px - xs) ** 2 + (py - ys) ** 2 > radius**2:
-                continue
-            mx, my = 2 * xs - px, 2 * ys - py
-            x0, y0 = int(math.floor(mx)), int(math.floor(my))
-            if not (0 <= x0 < nx - 1 and 0 <= y0 < ny - 1):
-                continue
-            quad = (slice(y0, y0 + 2), slice(x0, x0 + 2))
-            if (hits[quad] | bad[quad]).any():
-                continue
-            fx, fy = mx - x0, my - y0
-            v = data[quad]
-            out[py, px] = (v[0, 0] * (1 - fx) * (1 - fy) + v[0, 1] * fx * (1 - fy)
-                           + v[1, 0] * (1 - fx) * fy + v[1, 1] * fx * fy)
+        py, px = iy + sy.start, ix + sx.start
+        near = (px - xs) ** 2 + (py - ys) ** 2 <= radius**2
+        py, px = py[near], px[near]
+        values, usable = _mirrored(data, xs, ys, px, py, hits, bad)
+        out[py[usable], px[usable]] = values[usable]
     return out
 
 
@@ -658,41 +668,31 @@ def _mirror_hits(img: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarray,
 
     For star ``k`` in ``which``, every good pixel within ``radius`` of its
     centre is compared with the bilinear interpolation of ``img`` at the
-    point reflected through the centre. A hit when the excess exceeds
-    ``sigma`` times the noise of the two plus ``tolerance`` times the
-    mirror's height above ``sky[k]``. Pixels near another star (within 2
-    FWHM of it) are not judged: a neighbour is not point-symmetric about us.
-    Returns (rows, cols) of the hits.
+    point reflected through the centre (:func:`_mirrored`). A hit when the
+    excess exceeds ``sigma`` times the noise of the two plus ``tolerance``
+    times the mirror's height above ``sky[k]``. Pixels near another star
+    (within 2 FWHM of it) are not judged: a neighbour is not point-symmetric
+    about us. Returns (rows, cols) of the hits.
     """
-    ny, nx = img.shape
     rows_out, cols_out = [], []
-    others = np.column_stack([x, y])
     for k in which:
         xs, ys = float(x[k]), float(y[k])
         sy, sx = _box(img.shape, xs, ys, radius)
         py, px = np.mgrid[sy, sx]
         py, px = py.ravel(), px.ravel()
-        mx, my = 2 * xs - px, 2 * ys - py
-        x0, y0 = np.floor(mx).astype(int), np.floor(my).astype(int)
-        ok = ((px - xs) ** 2 + (py - ys) ** 2 <= radius**2) & (x0 >= 0) & (y0 >= 0) \
-            & (x0 < nx - 1) & (y0 < ny - 1) & ~bad[py, px]
-        near = np.flatnonzero((np.abs(others[:, 0] - xs) < radius + 2 * fwhm)
-                              & (np.abs(others[:, 1] - ys) < radius + 2 * fwhm))
+        ok = ((px - xs) ** 2 + (py - ys) ** 2 <= radius**2) & ~bad[py, px]
+        near = np.flatnonzero((np.abs(x - xs) < radius + 2 * fwhm)
+                              & (np.abs(y - ys) < radius + 2 * fwhm))
         for j in near:
             if j != k:
-                for qx, qy in ((px, py), (mx, my)):
+                for qx, qy in ((px, py), (2 * xs - px, 2 * ys - py)):
                     ok &= (qx - x[j]) ** 2 + (qy - y[j]) ** 2 > (2.0 * fwhm) ** 2
-        if not ok.any():
-            continue
-        py, px, mx, my, x0, y0 = py[ok], px[ok], mx[ok], my[ok], x0[ok], y0[ok]
-        quad_bad = bad[y0, x0] | bad[y0, x0 + 1] | bad[y0 + 1, x0] | bad[y0 + 1, x0 + 1]
-        fx, fy = mx - x0, my - y0
-        mirror = (img[y0, x0] * (1 - fx) * (1 - fy) + img[y0, x0 + 1] * fx * (1 - fy)
-                  + img[y0 + 1, x0] * (1 - fx) * fy + img[y0 + 1, x0 + 1] * fx * fy)
+        py, px = py[ok], px[ok]
+        mirror, usable = _mirrored(img, xs, ys, px, py, bad)
         v = img[py, px]
         noise = np.sqrt(np.maximum(v, 0.0) + np.maximum(mirror, 0.0) + 2 * rd2)
-        hit = (v - mirror > sigma * noise + tolerance * np.maximum(mirror - sky[k], 0.0)) \
-            & ~quad_bad
+        hit = usable & (v - mirror > sigma * noise
+                        + tolerance * np.maximum(mirror - sky[k], 0.0))
         rows_out.append(py[hit])
         cols_out.append(px[hit])
     if not rows_out:
@@ -881,7 +881,7 @@ def _contamination(x: np.ndarray, y: np.ndarray, flux: np.ndarray, r_ap: float,
     if n < 2:
         return out
     beta = 2.5
-    alpha = fwhm / (2 * math.sqrt(2 ** (1 / beta) - 1))
+    alpha = _moffat_alpha(fwhm, beta)
     rr = (np.arange(8) + 0.5) / 8 * r_ap
     th = np.arange(16) / 16 * 2 * np.pi
     px = (rr[:, None] * np.cos(th)[None, :]).ravel()
@@ -986,13 +986,28 @@ _PHASE_MAX_FWHM_PX = 10.0  # beyond: < 0.2 mmag at 0.75 FWHM (Moffat beta 3), ta
 _phase_cache: dict[tuple[float, float, float], float] = {}
 
 
+_FWHM_PER_SIGMA = 2.3548200450309493  # Gaussian: FWHM = 2 sqrt(2 ln 2) sigma
+
+
+def _moffat_alpha(fwhm: float, beta: float) -> float:
+    """Moffat core width alpha (px) of a profile with this FWHM (px) and beta."""
+    return fwhm / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
+
+
+def _profile(r2: np.ndarray, fwhm: float, beta: float) -> np.ndarray:
+    """Moffat (Gaussian for infinite beta) surface brightness at squared radius ``r2``,
+    1 at the centre."""
+    if math.isinf(beta):
+        return np.exp(-0.5 * r2 * (_FWHM_PER_SIGMA / fwhm) ** 2)
+    return (1.0 + r2 / _moffat_alpha(fwhm, beta) ** 2) ** (-beta)
+
+
 def _enclosed(r: np.ndarray, fwhm: float, beta: float) -> np.ndarray:
     """Fraction of a circular Moffat (or Gaussian) star's flux within radius ``r``."""
     r = np.asarray(r, float)
     if math.isinf(beta):
-        return 1.0 - np.exp(-0.5 * (r * 2.3548200450309493 / fwhm) ** 2)
-    alpha = fwhm / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
-    return 1.0 - (1.0 + (r / alpha) ** 2) ** (1.0 - beta)
+        return 1.0 - np.exp(-0.5 * (r * _FWHM_PER_SIGMA / fwhm) ** 2)
+    return 1.0 - (1.0 + (r / _moffat_alpha(fwhm, beta)) ** 2) ** (1.0 - beta)
 
 
 def _moffat_beta(curve: np.ndarray, radii_fwhm: np.ndarray, big_fwhm: float) -> float:
@@ -1044,29 +1059,19 @@ def pixel_phase_scatter(fwhm_px: float, radius_px: float, beta: float = 3.0) -> 
         return _phase_cache[key]
     g, sub = _PHASE_GRID, _PHASE_SUBSAMPLE
     cell = 2 * int(math.ceil(r)) + 6
-    size = g * cell
-    phases = (np.arange(g) + 0.5) / g
     # star (i, j) sits at sub-pixel phase (phases[j], phases[i]) in the middle of its cell
-    centre = np.arange(g) * cell + cell // 2
-    ys, xs = np.meshgrid(centre + phases, centre + phases, indexing="ij")
+    at = cell // 2 + (np.arange(g) + 0.5) / g
     offs = (np.arange(sub) + 0.5) / sub - 0.5
-    coord = (np.arange(size)[:, None] + offs[None, :]).ravel()  # sub-sampled pixel centres
-    owner = np.minimum(np.arange(size) // cell, g - 1).repeat(sub)
-    img = np.zeros((size, size))
+    local = (np.arange(cell)[:, None] + offs[None, :]).ravel()  # sub-sampled pixel centres
+    img = np.zeros((g * cell, g * cell))
     for i in range(g):
-        rows = owner == i
-        dy2 = (coord[rows] - ys[i, 0]) ** 2
+        dy2 = (local - at[i]) ** 2
         for j in range(g):
-            cols = owner == j
-            dx2 = (coord[cols] - xs[i, j]) ** 2
-            r2 = dy2[:, None] + dx2[None, :]
-            if math.isinf(beta):
-                prof = np.exp(-0.5 * r2 * (2.3548200450309493 / fwhm) ** 2)
-            else:
-                alpha = fwhm / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
-                prof = (1.0 + r2 / alpha**2) ** (-beta)
+            prof = _profile(dy2[:, None] + (local - at[j])[None, :] ** 2, fwhm, beta)
             img[i * cell:(i + 1) * cell, j * cell:(j + 1) * cell] = prof.reshape(
                 cell, sub, cell, sub).mean(axis=(1, 3))
+    corner = np.arange(g) * cell
+    ys, xs = np.meshgrid(corner + at, corner + at, indexing="ij")
     sums = CircularAperture(np.column_stack([xs.ravel(), ys.ravel()]), r).do_photometry(img)[0]
     value = float(_MAG * np.std(sums) / np.mean(sums))
     if len(_phase_cache) > 4096:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import fcntl
 import json
+import math
 import os
 import shutil
 import signal
@@ -40,6 +41,8 @@ from daemon.watcher import FolderWatcher, check_complete, is_frame_name, scan, s
 
 STORE_NAME = "photd.sqlite"
 LOG_SUFFIXES = (".log", ".txt", ".csv", ".lst", "")
+# Gain (e-/ADU) for judging dark current before the night's flats measure it.
+_NOMINAL_GAIN_E_PER_ADU = 1.6
 
 
 def pause_marker(work: Path) -> Path:
@@ -354,8 +357,7 @@ class Engine:
             if entry.is_calibration:
                 # ahead of science frames, behind earlier calibration frames
                 at = 0
-                while at < len(self.queue) and (self._queued(self.queue[at]) or
-                                                (None,) * 4)[3] in CALIBRATION_KINDS:
+                while at < len(self.queue) and self._queued_calibration(self.queue[at]):
                     at += 1
                 self.queue.insert(at, fid)
             else:
@@ -448,6 +450,10 @@ class Engine:
                 return None
             info = self.queue_info[fid] = (f["night"], f["band"], f["target"], f["kind"])
         return info
+
+    def _queued_calibration(self, fid: int) -> bool:
+        info = self._queued(fid)
+        return info is not None and info[3] in CALIBRATION_KINDS
 
     def _calibration_busy_bands(self) -> set[tuple[str, str]]:
         """(night, band) whose masters are about to change: their science frames wait."""
@@ -873,14 +879,22 @@ class Engine:
                 self.log.info("frame done", stage="store", **ev,
                               latency_s=round(time.time() - closed_at, 3))
 
+    def _target_entry(self, target: str) -> LogEntry | None:
+        """The last log line observing ``target`` (it gives the pointing)."""
+        found = None
+        for _m, parsed in self.logs.values():
+            for entry in parsed.entries:
+                if entry.name == target and not entry.is_calibration:
+                    found = entry
+        return found
+
     def _curve_ready(self, target: str) -> bool:
         """Whether the target's catalog cone is at hand (asking for it if not).
 
         After a restart the cones are fetched again off the main loop; a curve
         derived before its cone arrives would lose its calibrated magnitudes.
         """
-        entry = next((e for _m, parsed in self.logs.values() for e in parsed.entries
-                      if e.name == target and not e.is_calibration), None)
+        entry = self._target_entry(target)
         if entry is None:
             return True  # no log line any more: derive from what is stored
         ready, radec = self.pointing(entry)
@@ -896,12 +910,13 @@ class Engine:
         """
         from daemon.curves import derive
 
-        radec = next((k for k in self.cones), None)
-        for _m, parsed in self.logs.values():
-            for entry in parsed.entries:
-                if entry.name == target and not entry.is_calibration:
-                    radec = (entry.ra_deg, entry.dec_deg) if entry.ra_deg is not None \
-                        else self.names.get(target)
+        entry = self._target_entry(target)
+        if entry is None:
+            radec = next((k for k in self.cones), None)
+        elif entry.ra_deg is not None:
+            radec = (entry.ra_deg, entry.dec_deg)
+        else:
+            radec = self.names.get(target)
         catalog = None if radec is None else \
             self.cones.get((round(radec[0], 3), round(radec[1], 3)))
         if isinstance(catalog, BaseException):
@@ -1078,18 +1093,15 @@ def build_master_task(kind: str, paths: list[str], cfg: Config, band: str, night
             exptimes = [float(fits.getheader(p).get("EXPTIME", 0.0)) for p in paths]
             level = calibration.dark_level_adu_per_s(paths, bias, exptimes, cfg.camera(band)) \
                 if bias is not None else float("nan")
-            # (NaN: no usable dark; build_master below says why)
-            if level * 1.6 <= cfg.camera(band).dark_current_e_per_s:
-                # decided from the frames' levels: no need to combine a master to drop it
+            # The paper: dark current below 0.1 e-/px/s is negligible; no dark master.
+            # Judged from the frames' levels, before combining; with no usable dark
+            # (NaN) build_master below says why. The night's gain is not known yet.
+            if math.isfinite(level) and not calibration.dark_is_significant(
+                    level, gain_e_per_adu=_NOMINAL_GAIN_E_PER_ADU, cam=cfg.camera(band)):
                 return {"error": "dark current negligible; darks not applied",
                         "reason": "dark_negligible"}
         res = calibration.build_master(kind, paths, cfg=cfg.calibration, cam=cfg.camera(band),
                                        master_bias=bias, exptimes_s=exptimes)
-        if kind == "dark" and not calibration.dark_is_significant(
-                res.data, gain_e_per_adu=1.6, cam=cfg.camera(band)):
-            # The paper: dark current below 0.1 e-/px/s is negligible; no dark master.
-            return {"error": "dark current negligible; darks not applied",
-                    "reason": "dark_negligible"}
         written = calibration.write_master(out, res.data, kind=kind, band=band, night=night,
                                            version=version, inputs=res.inputs)
         out_d: dict[str, Any] = {
