@@ -107,27 +107,17 @@ def test_an_object_larger_than_the_small_pixel_stack_is_still_extracted():
 
 
 @pytest.mark.parametrize("band", ["g", "r", "i"])
-def test_designed_double_exposure_is_rejected(night, band):
+@pytest.mark.parametrize(("defect", "reason"), [("double", "double_exposure"),
+                                                ("cloud", "too_few_sources")])
+def test_designed_bad_frames_are_rejected_with_their_reason(night, band, defect, reason):
     out, truth, catalog = night
-    f = next(f for f in truth.frames("object", band) if f["defect"] == "double")
+    f = next(f for f in truth.frames("object", band) if f["defect"] == defect)
     data = _frame(out, truth, band, f["number"])
     sources, _rms, fwhm = detect_sources(data, detect_sigma=CFG.detect_sigma)
     with pytest.raises(BadFit) as err:
         solve(sources, catalog, guess=_guess(truth, f, data.shape), shape=data.shape, cfg=CFG,
               fwhm_px=fwhm)
-    assert err.value.reason == "double_exposure"
-
-
-@pytest.mark.parametrize("band", ["g", "r", "i"])
-def test_clouded_frame_is_rejected_for_too_few_sources(night, band):
-    out, truth, catalog = night
-    f = next(f for f in truth.frames("object", band) if f["defect"] == "cloud")
-    data = _frame(out, truth, band, f["number"])
-    sources, _rms, fwhm = detect_sources(data, detect_sigma=CFG.detect_sigma)
-    with pytest.raises(BadFit) as err:
-        solve(sources, catalog, guess=_guess(truth, f, data.shape), shape=data.shape, cfg=CFG,
-              fwhm_px=fwhm)
-    assert err.value.reason == "too_few_sources"
+    assert err.value.reason == reason
 
 
 def test_solves_with_pointing_3_arcmin_off_rotated_3_deg_and_scale_3_percent_off(night):

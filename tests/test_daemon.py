@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.io import fits
+from daemon_config import write_config
 
 from daemon.simulate import SimOptions, load_truth, simulate_night
 from daemon.watcher import check_complete
@@ -24,14 +25,7 @@ TINY = SimOptions(seed=5, small=True, science_per_target=4, n_bias=4, n_flat=4, 
 
 
 def _config(tmp: Path, night: Path, **daemon: object) -> Path:
-    settings = {"rescan_interval_s": 2.0, "truncated_timeout_s": 4.0, "log_format": "json",
-                "settle_s": 0.2, **daemon}
-    lines = ["[paths]", f"watch = [{str(night / 'raw')!r}]", f"work = {str(tmp / 'work')!r}",
-             f"catalog = {str(night / 'catalog.ecsv')!r}", "[daemon]"]
-    lines += [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
-    path = tmp / "photd.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_config(tmp / "photd.toml", night, tmp / "work", **daemon)
 
 
 def _photd(*args: str, **kw) -> subprocess.Popen:

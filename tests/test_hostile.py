@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.io import fits
+from daemon_config import write_config
 
 from daemon.config import Config
 from daemon.obslog import parse_log
@@ -214,14 +215,8 @@ def build_corpus(night: Path, outside: Path) -> None:
 
 
 def _config(tmp: Path, night: Path, **daemon: object) -> Path:
-    settings = {"rescan_interval_s": 2.0, "truncated_timeout_s": 3.0, "log_format": "json",
-                "settle_s": 0.2, **daemon}
-    lines = ["[paths]", f"watch = [{str(night / 'raw')!r}]", f"work = {str(tmp / 'work')!r}",
-             f"catalog = {str(night / 'catalog.ecsv')!r}", "[daemon]"]
-    lines += [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
     path = tmp / f"photd-{len(list(tmp.glob('photd-*.toml')))}.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_config(path, night, tmp / "work", **{"truncated_timeout_s": 3.0, **daemon})
 
 
 def _photd(cfg: Path, *args: str, log: Path, **kw) -> subprocess.Popen:

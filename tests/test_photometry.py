@@ -60,6 +60,11 @@ def catalog(root: Path) -> Table:
     return Table.read(root / "catalog.ecsv")
 
 
+def _brightest_clean(tab: Table) -> int:
+    """Row of the brightest star measured without any flag."""
+    return int(np.argmax(np.where(tab["flags"] == 0, tab["flux_e"], -np.inf)))
+
+
 def with_truth(meas: Table, truth) -> Table:
     fs = truth.frame_stars["band", "frame", "id", "x", "y", "flux_e", "mag"]
     lookup = {(b, int(f), str(i)): k for k, (b, f, i) in
@@ -190,7 +195,7 @@ def test_masked_pixels_flag_the_star_saturated(night):
     f = truth.frames("object", "g")[2]
     data_e, mask = calibrated_frame(root, truth, "g", f["number"])
     tab, _ = measure(root, truth, f, data_e, mask)
-    k = int(np.argmax(np.where(tab["flags"] == 0, tab["flux_e"], 0)))
+    k = _brightest_clean(tab)
     mask = mask.copy()
     mask[int(round(tab["y_px"][k])), int(round(tab["x_px"][k]))] = True
     tab2, _ = measure(root, truth, f, data_e, mask)
@@ -203,7 +208,7 @@ def test_a_star_with_a_bright_neighbour_in_its_aperture_is_flagged(night):
     f = truth.frames("object", "r")[3]
     data_e, mask = calibrated_frame(root, truth, "r", f["number"])
     tab, _ = measure(root, truth, f, data_e, mask)
-    k = int(np.argmax(np.where(tab["flags"] == 0, tab["flux_e"], 0)))
+    k = _brightest_clean(tab)
     x, y = float(tab["x_px"][k]), float(tab["y_px"][k])
     shift = 4  # px, ~0.9 FWHM: the copy overlaps the star's aperture
     half = 20
@@ -266,8 +271,7 @@ def test_cosmic_ray_on_a_bright_core_is_flagged_and_repaired(night):
     f = truth.frames("object", "r")[3]
     data_e, mask = calibrated_frame(root, truth, "r", f["number"])
     clean_tab, summ = measure(root, truth, f, data_e, mask)
-    ok = (clean_tab["flags"] == 0) & np.isfinite(clean_tab["flux_e"])
-    k = int(np.flatnonzero(ok)[np.argmax(clean_tab["flux_e"][ok])])
+    k = _brightest_clean(clean_tab)
     x, y = clean_tab["x_px"][k], clean_tab["y_px"][k]
     py, px = int(round(y + 1.2)), int(round(x - 0.8))
     hit = data_e.copy()
