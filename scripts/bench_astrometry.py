@@ -35,10 +35,10 @@ from astropy.table import Table  # noqa: E402
 from astropy.wcs import WCS  # noqa: E402
 from scipy.spatial import cKDTree  # noqa: E402
 
-from daemon.astrometry import BadFit, detect_sources, solve  # noqa: E402
-from daemon.catalog import read_catalog_file  # noqa: E402
-from daemon.config import AstrometryConfig, DetectorConfig  # noqa: E402
-from daemon.simulate import SimOptions, load_truth, simulate_night  # noqa: E402
+from photd.astrometry import BadFit, detect_sources, solve  # noqa: E402
+from photd.catalog import read_catalog_file  # noqa: E402
+from photd.config import AstrometryConfig, DetectorConfig  # noqa: E402
+from photd.simulate import SimOptions, load_truth, simulate_night  # noqa: E402
 
 
 def guess_wcs(ra_deg: float, dec_deg: float, shape, scale_arcsec: float) -> WCS:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from astropy.table import Table
 
-from daemon.simulate import SimOptions, Truth, load_truth, simulate_night
+from photd.simulate import SimOptions, Truth, load_truth, simulate_night
 
 SMALL_OPTS = SimOptions(seed=7, small=True, science_per_target=8)
 
@@ -53,7 +53,7 @@ def measured_night(tmp_path_factory: pytest.TempPathFactory) -> MeasuredNight:
     from astropy.io import fits
     from astropy.table import vstack
 
-    from daemon.photometry import measure_frame
+    from photd.photometry import measure_frame
 
     root = tmp_path_factory.mktemp("measured_night")
     simulate_night(root, MEASURED_OPTS)

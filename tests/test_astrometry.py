@@ -10,9 +10,9 @@ from astropy.io import fits
 from astropy.table import Table, vstack
 from astropy.wcs import WCS
 
-from daemon.astrometry import BadFit, _extract, detect_sources, relative_solution, solve
-from daemon.config import AstrometryConfig
-from daemon.simulate import SimOptions, load_truth, simulate_night
+from photd.astrometry import BadFit, _extract, detect_sources, relative_solution, solve
+from photd.config import AstrometryConfig
+from photd.simulate import SimOptions, load_truth, simulate_night
 
 CFG = AstrometryConfig()
 CONFIG_SCALE_ARCSEC = 0.107  # unbinned, as in DetectorConfig

@@ -12,9 +12,9 @@ from astropy.stats import sigma_clipped_stats
 from astropy.table import Table
 from photutils.aperture import CircularAnnulus, CircularAperture, aperture_photometry
 
-from daemon import calibration as cal
-from daemon.config import CalibrationConfig, CameraConfig
-from daemon.simulate import MOFFAT_BETA, SimOptions, camera_patterns, load_truth, simulate_night
+from photd import calibration as cal
+from photd.config import CalibrationConfig, CameraConfig
+from photd.simulate import MOFFAT_BETA, SimOptions, camera_patterns, load_truth, simulate_night
 
 OPTS = SimOptions(seed=11, small=True, science_per_target=2)
 BAND = "r"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
-from daemon.catalog import (
+from photd.catalog import (
     COLUMNS,
     CatalogError,
     CatalogSource,
@@ -18,7 +18,7 @@ from daemon.catalog import (
     read_catalog_file,
     tile_key,
 )
-from daemon.config import CatalogConfig
+from photd.config import CatalogConfig
 
 CFG = CatalogConfig(retries=3, backoff_s=0.0)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import config as c
+from photd import config as c
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = {"site": c.SiteConfig, "detector": c.DetectorConfig, "paths": c.PathsConfig,
@@ -44,7 +44,7 @@ def test_config_toml_documents_every_key_with_its_default():
 def test_bad_configuration_exits_2_naming_the_key(tmp_path, text, key):
     cfg = tmp_path / "config.toml"
     cfg.write_text(text)
-    out = subprocess.run([sys.executable, "-m", "daemon.cli", "status", "--config", str(cfg)],
+    out = subprocess.run([sys.executable, "-m", "photd.cli", "status", "--config", str(cfg)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert key in out.stderr, out.stderr
@@ -53,7 +53,7 @@ def test_bad_configuration_exits_2_naming_the_key(tmp_path, text, key):
 def test_command_line_overrides_the_file(tmp_path):
     cfg = tmp_path / "config.toml"
     cfg.write_text("[paths]\nwork = \"from-file\"\n")
-    out = subprocess.run([sys.executable, "-m", "daemon.cli", "status", "--config", str(cfg),
+    out = subprocess.run([sys.executable, "-m", "photd.cli", "status", "--config", str(cfg),
                           "--work", str(tmp_path / "from-flag")], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 1 and "from-flag" in out.stderr

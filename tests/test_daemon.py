@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.io import fits
-from daemon_config import write_config
 
-from daemon.simulate import SimOptions, load_truth, simulate_night
-from daemon.watcher import check_complete
+from daemon_config import write_config
+from photd.simulate import SimOptions, load_truth, simulate_night
+from photd.watcher import check_complete
 
 TINY = SimOptions(seed=5, small=True, science_per_target=4, n_bias=4, n_flat=4, n_dark=0)
 
@@ -32,7 +32,7 @@ def _photd(*args: str, **kw) -> subprocess.Popen:
     """Start ``photd``; its log goes to a file (a full pipe would stall the daemon)."""
     cfg = Path(args[args.index("--config") + 1])
     log = open(cfg.parent / "daemon.log", "a")  # noqa: SIM115 - closed by the OS at exit
-    return subprocess.Popen([sys.executable, "-m", "daemon.cli", *args],
+    return subprocess.Popen([sys.executable, "-m", "photd.cli", *args],
                             stdout=subprocess.DEVNULL, stderr=log, text=True, **kw)
 
 
@@ -44,7 +44,7 @@ def _wait(p: subprocess.Popen, timeout: float) -> str:
 
 
 def _status(cfg: Path) -> dict:
-    out = subprocess.run([sys.executable, "-m", "daemon.cli", "status", "--json", "--config",
+    out = subprocess.run([sys.executable, "-m", "photd.cli", "status", "--json", "--config",
                           str(cfg)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
@@ -148,7 +148,7 @@ def test_night_written_live_ends_with_every_frame_in_its_state_once(tmp_path):
         assert Path(summary["targets"][target]["plot"]).stat().st_size > 10_000
     assert (tmp_path / "work" / "backup" / "photd.sqlite.bak").exists()
     # the export contract, through the command line an observer uses
-    out = subprocess.run([sys.executable, "-m", "daemon.cli", "export", "OJ287", "--band", "r",
+    out = subprocess.run([sys.executable, "-m", "photd.cli", "export", "OJ287", "--band", "r",
                           "--format", "csv", "--config", str(cfg)], capture_output=True,
                          text=True, timeout=60)
     lines = out.stdout.splitlines()

@@ -14,10 +14,10 @@ from astropy.io import fits
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon.config import BANDS, Config
-from daemon.headers import band_from, frame_number_from
-from daemon.obslog import LogProblem, ObservingLog, parse_log
-from daemon.watcher import BLOCK, check_complete
+from photd.config import BANDS, Config
+from photd.headers import band_from, frame_number_from
+from photd.obslog import LogProblem, ObservingLog, parse_log
+from photd.watcher import BLOCK, check_complete
 
 FUZZ = settings(max_examples=200, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,

@@ -12,9 +12,9 @@ from astropy.io import fits
 from astropy.time import Time
 from astropy.wcs import WCS
 
-import daemon
-from daemon.config import CameraConfig, Config, DetectorConfig
-from daemon.headers import (
+import photd
+from photd.config import CameraConfig, Config, DetectorConfig
+from photd.headers import (
     HeaderError,
     band_from,
     build_header,
@@ -24,7 +24,7 @@ from daemon.headers import (
     obs_start,
     write_processed,
 )
-from daemon.obslog import parse_line
+from photd.obslog import parse_line
 
 OJ287 = parse_line("96,114,OJ287,300,08:54:48,+20:06:30", 6, "night.log")
 SKYFLAT = parse_line("116,125,sky flat,1,,", 2, "night.log")
@@ -263,8 +263,8 @@ def test_camera_cards_are_kept_and_extra_values_written():
         assert hdr[key] == value
     assert hdr["GAIN"] == 1.45 and hdr["RDNOISE"] == 4.2
     history = [str(h) for h in hdr["HISTORY"]]
-    assert history[0].startswith(f"photd {daemon.__version__}: header rebuilt from night.log")
-    assert history[1] == f"photd {daemon.__version__}: bias subtracted"
+    assert history[0].startswith(f"photd {photd.__version__}: header rebuilt from night.log")
+    assert history[1] == f"photd {photd.__version__}: bias subtracted"
     assert "GAIN" not in header_for() and "RDNOISE" not in header_for()
 
 

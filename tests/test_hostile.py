@@ -30,12 +30,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.io import fits
-from daemon_config import write_config
 
-from daemon.config import Config
-from daemon.obslog import parse_log
-from daemon.simulate import SimOptions, load_truth, simulate_night
-from daemon.watcher import BLOCK, check_complete
+from daemon_config import write_config
+from photd.config import Config
+from photd.obslog import parse_log
+from photd.simulate import SimOptions, load_truth, simulate_night
+from photd.watcher import BLOCK, check_complete
 
 OPTS = SimOptions(seed=6, small=True, science_per_target=2, n_bias=3, n_flat=3, n_dark=0)
 OJ287 = "08:54:48.87,+20:06:30.6"  # as the simulated log writes it
@@ -221,7 +221,7 @@ def _config(tmp: Path, night: Path, **daemon: object) -> Path:
 
 def _photd(cfg: Path, *args: str, log: Path, **kw) -> subprocess.Popen:
     with open(log, "a") as fh:  # the child keeps its own descriptor
-        return subprocess.Popen([sys.executable, "-m", "daemon.cli", "run", "--config",
+        return subprocess.Popen([sys.executable, "-m", "photd.cli", "run", "--config",
                                  str(cfg), *args], stdout=subprocess.DEVNULL, stderr=fh,
                                 **kw)
 
@@ -232,14 +232,14 @@ def _events(log: Path) -> list[dict]:
 
 
 def _status(cfg: Path) -> dict:
-    out = subprocess.run([sys.executable, "-m", "daemon.cli", "status", "--json", "--config",
+    out = subprocess.run([sys.executable, "-m", "photd.cli", "status", "--json", "--config",
                           str(cfg)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
 
 def _status_text(cfg: Path) -> str:
-    out = subprocess.run([sys.executable, "-m", "daemon.cli", "status", "--config", str(cfg)],
+    out = subprocess.run([sys.executable, "-m", "photd.cli", "status", "--config", str(cfg)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return out.stdout
@@ -444,7 +444,7 @@ def test_hostile_target_names_write_nothing_outside_the_work_folder(run: Run):
 
 
 def test_hostile_target_name_plot_stays_in_the_current_folder(run: Run, tmp_path: Path):
-    out = subprocess.run([sys.executable, "-m", "daemon.cli", "plot", "../../../escape",
+    out = subprocess.run([sys.executable, "-m", "photd.cli", "plot", "../../../escape",
                           "--config", str(run.cfg)], capture_output=True, text=True,
                          timeout=120, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -473,7 +473,7 @@ def _replaced_victim(run: Run) -> dict:
 
 
 def test_frame_replaced_while_processed_keeps_one_set_of_rows(run: Run):
-    from daemon.watcher import sha256_of
+    from photd.watcher import sha256_of
 
     got = _replaced_victim(run)
     assert got["state"] == "done"
@@ -610,15 +610,15 @@ def _full_disk_writes(monkeypatch: pytest.MonkeyPatch, after_bytes: int) -> None
 
 
 def _calibration_task(raw: Path, out: Path):
-    from daemon.obslog import parse_line
-    from daemon.pipeline import FrameTask
+    from photd.obslog import parse_line
+    from photd.pipeline import FrameTask
 
     entry = parse_line("1,3,bias,0,,", 1, "night.log")
     return FrameTask(1, str(raw), str(out), "g", 1, "2016-11-01", entry, Config())
 
 
 def test_disk_full_while_writing_leaves_nothing_half_written(tmp_path, monkeypatch):
-    from daemon.headers import write_processed
+    from photd.headers import write_processed
 
     raw = tmp_path / "raw.fits"
     _hdu = fits.PrimaryHDU(np.zeros((200, 100), np.int16))
@@ -633,7 +633,7 @@ def test_disk_full_while_writing_leaves_nothing_half_written(tmp_path, monkeypat
 
 
 def test_disk_full_while_writing_leaves_the_frame_to_be_retried(tmp_path, monkeypatch):
-    from daemon import pipeline
+    from photd import pipeline
 
     raw = tmp_path / "xl126g_0001.fits"
     hdu = fits.PrimaryHDU(np.zeros((200, 100), np.int16))

@@ -18,9 +18,9 @@ from astropy.coordinates import (
 from astropy.table import Table
 from astropy.time import Time
 
-from daemon import lightcurve
-from daemon.config import PhotometryConfig, SiteConfig
-from daemon.export import (
+from photd import lightcurve
+from photd.config import PhotometryConfig, SiteConfig
+from photd.export import (
     AAVSO_FIELDS,
     plot_lightcurve,
     terminal_plot,
@@ -28,7 +28,7 @@ from daemon.export import (
     to_csv,
     to_ecsv,
 )
-from daemon.lightcurve import (
+from photd.lightcurve import (
     calibrate,
     derive_lightcurve,
     fit_colour_term,

@@ -10,8 +10,8 @@ from astropy.io import fits
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.config import ObslogConfig
-from daemon.obslog import (
+from photd.config import ObslogConfig
+from photd.obslog import (
     LogEntry,
     ObservingLogError,
     classify_name,

@@ -22,13 +22,13 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
 
-from daemon.curves import RELATIVE_WCS
-from daemon.simulate import SimOptions, load_truth, simulate_night
+from photd.curves import RELATIVE_WCS
+from photd.simulate import SimOptions, load_truth, simulate_night
 
 # Seed 14: the telescope points 14" from PKS0235+164 and the nearest other
 # detectable star is 50" from the pointing, so the source nearest the log's
 # coordinates on the reference frame is the target (the only way to tell the
-# target without a catalog; see daemon.pipeline.relative_reference).
+# target without a catalog; see photd.pipeline.relative_reference).
 NIGHT = SimOptions(seed=14, small=True, science_per_target=4, n_bias=3, n_flat=3, n_dark=0)
 OFFLINE = "PKS0235+164"
 COVERED = "OJ287"
@@ -47,7 +47,7 @@ def _config(tmp: Path, night: Path, catalog: Path) -> Path:
 
 def _run(cfg: Path) -> None:
     with open(cfg.parent / "daemon.log", "a") as log:
-        out = subprocess.run([sys.executable, "-m", "daemon.cli", "run", "--config", str(cfg),
+        out = subprocess.run([sys.executable, "-m", "photd.cli", "run", "--config", str(cfg),
                               "--until-idle", "5"], stdout=subprocess.DEVNULL, stderr=log,
                              timeout=600)
     assert out.returncode == 0, (cfg.parent / "daemon.log").read_text()[-3000:]

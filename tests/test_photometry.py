@@ -15,7 +15,7 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
-from daemon.photometry import (
+from photd.photometry import (
     COLUMNS,
     COSMIC,
     NEIGHBOUR,
@@ -248,8 +248,8 @@ def test_pixel_phase_term_matches_the_scatter_of_noiseless_simulated_stars(fwhm_
     # the scatter no photon count shows, which the error bars must carry.
     from photutils.aperture import CircularAperture
 
-    from daemon.photometry import pixel_phase_scatter
-    from daemon.simulate import MOFFAT_BETA, _add_star
+    from photd.photometry import pixel_phase_scatter
+    from photd.simulate import MOFFAT_BETA, _add_star
 
     rng = np.random.default_rng(5)
     radius = 0.75 * fwhm_px
@@ -278,7 +278,7 @@ def test_cosmic_ray_on_a_bright_core_is_flagged_and_repaired(night):
     energy = 0.2 * (data_e[py, px] - clean_tab["sky_e_per_px"][k])  # 20 % of the star there
     hit[py, px] += energy
     assert energy > 2.5 * clean_tab["flux_err_e"][k]  # would bias the flux by > 2.5 sigma
-    from daemon.config import PhotometryConfig
+    from photd.config import PhotometryConfig
 
     blind, _ = measure(root, truth, f, hit, mask,
                        cfg=PhotometryConfig(cosmic_mirror_tolerance=1e9))

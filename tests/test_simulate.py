@@ -9,7 +9,7 @@ import pytest
 from astropy.io import fits
 from astropy.stats import sigma_clipped_stats
 
-from daemon.simulate import (
+from photd.simulate import (
     CAMERAS,
     FULL_SHAPE,
     SMALL_BINNING,

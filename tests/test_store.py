@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon import store as store_module
-from daemon.store import (
+from photd import store as store_module
+from photd.store import (
     STATES,
     TERMINAL_STATES,
     Store,
@@ -65,7 +65,7 @@ def run_python(code: str, *args: str) -> subprocess.Popen:
     """Start ``code`` in a separate Python process that imports this checkout."""
     return subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(code), *args],
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT / "daemon")},
         text=True,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -515,7 +515,7 @@ def test_backup_is_complete_consistent_and_atomic(store: Store, tmp_path: Path) 
 
 READER = """
     import sys
-    from daemon.store import Store
+    from photd.store import Store
 
     reader = Store.open_readonly(sys.argv[1])
     def transitions():
@@ -558,7 +558,7 @@ def test_reader_snapshot_never_blocks_writer(db_path: Path) -> None:
 
 WRITER = """
     import sys
-    from daemon.store import Store
+    from photd.store import Store
 
     store = Store.open(sys.argv[1])
     ids = [f["id"] for f in store.frames()]

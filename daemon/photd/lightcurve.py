@@ -28,8 +28,8 @@ from astropy.table import Table
 from astropy.time import Time
 from astropy.utils import iers
 
-from daemon.config import PhotometryConfig, SiteConfig
-from daemon.photometry import EDGE, OFF_FRAME, flag_names, star_ids
+from photd.config import PhotometryConfig, SiteConfig
+from photd.photometry import EDGE, OFF_FRAME, flag_names, star_ids
 
 # Offline: the IERS tables bundled with astropy are enough for BJD to < 1 ms.
 iers.conf.auto_download = False
@@ -152,7 +152,7 @@ def fit_colour_term(measurements: Table, catalog: Table, band: str, *,
     Parameters
     ----------
     measurements : astropy.table.Table
-        :func:`daemon.photometry.measure_frame` rows of many frames, with a
+        :func:`photd.photometry.measure_frame` rows of many frames, with a
         ``frame`` column.
     catalog : astropy.table.Table
         Reference catalog (``id``, g, r, i, optional ``*_err``).
@@ -231,7 +231,7 @@ def zero_point(meas: Table, catalog: Table, band: str, *, colour_term: float | N
     Parameters
     ----------
     meas : astropy.table.Table
-        One frame's :func:`daemon.photometry.measure_frame` table.
+        One frame's :func:`photd.photometry.measure_frame` table.
     catalog : astropy.table.Table
         Reference catalog.
     band : str
@@ -359,7 +359,7 @@ def derive_lightcurve(
     ----------
     measurements : astropy.table.Table
         All stored per-star rows of one target and band: the
-        :func:`daemon.photometry.measure_frame` columns plus ``frame`` and,
+        :func:`photd.photometry.measure_frame` columns plus ``frame`` and,
         repeated on each row of a frame, ``mjd``, ``bjd_tdb``, ``airmass``,
         ``fwhm_arcsec`` (missing ones give NaN in the rows).
     catalog : astropy.table.Table

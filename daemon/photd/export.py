@@ -1,7 +1,7 @@
 """Light-curve output: CSV (the **contract**), ECSV, AAVSO Extended, PNG and a terminal plot.
 
 Pure formatting of the row dicts made by
-:func:`daemon.lightcurve.derive_lightcurve`; only :func:`plot_lightcurve`
+:func:`photd.lightcurve.derive_lightcurve`; only :func:`plot_lightcurve`
 writes a file (atomically: a temporary name in the same folder, then rename).
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from astropy.table import Table
 
-from daemon.atomic import atomic_write
+from photd.atomic import atomic_write
 
 # DESIGN.md **contract**: `photd export --format csv` columns, in this order.
 CSV_COLUMNS = ("target", "band", "frame", "mjd", "bjd_tdb", "mag", "mag_err", "diff_mag",
@@ -167,7 +167,7 @@ def plot_lightcurve(rows_by_band: Mapping[str, Sequence[Mapping]],
         Band -> light-curve rows.
     comparison_curves : dict
         Band -> (star id -> [(mjd, delta_mag, err), ...]), as in
-        :attr:`daemon.lightcurve.EnsembleInfo.curves`.
+        :attr:`photd.lightcurve.EnsembleInfo.curves`.
     path : path
         Output PNG; written to a temporary name in the same folder, then renamed.
     """

@@ -37,7 +37,7 @@ from astropy.wcs import WCS
 from astropy.wcs.utils import fit_wcs_from_points, proj_plane_pixel_scales
 from scipy.spatial import cKDTree
 
-from daemon.config import AstrometryConfig
+from photd.config import AstrometryConfig
 
 __all__ = [
     "BadFit",

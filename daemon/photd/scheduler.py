@@ -1,7 +1,7 @@
 """The daemon: the main loop that turns folder events into finished frames.
 
 The main process owns the store (the single writer) and decides what runs
-next; a process pool does the numeric work (:mod:`daemon.pipeline`).
+next; a process pool does the numeric work (:mod:`photd.pipeline`).
 APScheduler's background jobs only raise flags (rescan, disk check,
 housekeeping) that the main loop acts on, so every store write happens on
 one thread.
@@ -28,16 +28,16 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from astropy.io import fits
 from astropy.time import Time
 
-from daemon import pipeline
-from daemon.atomic import atomic_write_text
-from daemon.calibration import CALIBRATION_KINDS
-from daemon.config import Config
-from daemon.headers import band_from, frame_number_from
-from daemon.logs import configure, get_logger
-from daemon.obslog import LogEntry, ObservingLog, find_logs, merge_logs, read_log, slug
-from daemon.pipeline import FrameResult, FrameTask, Masters
-from daemon.store import Store
-from daemon.watcher import FolderWatcher, check_complete, is_frame_name, scan, sha256_of
+from photd import pipeline
+from photd.atomic import atomic_write_text
+from photd.calibration import CALIBRATION_KINDS
+from photd.config import Config
+from photd.headers import band_from, frame_number_from
+from photd.logs import configure, get_logger
+from photd.obslog import LogEntry, ObservingLog, find_logs, merge_logs, read_log, slug
+from photd.pipeline import FrameResult, FrameTask, Masters
+from photd.store import Store
+from photd.watcher import FolderWatcher, check_complete, is_frame_name, scan, sha256_of
 
 STORE_NAME = "photd.sqlite"
 LOG_SUFFIXES = (".log", ".txt", ".csv", ".lst", "")
@@ -125,14 +125,14 @@ class Engine:
     # wait for it; and when each was last derived (time.monotonic()).
     curve_pending: dict[tuple[str, str], list[dict]] = field(default_factory=dict)
     curve_derived_at: dict[tuple[str, str], float] = field(default_factory=dict)
-    catalog: Any = None  # daemon.catalog.CatalogSource
+    catalog: Any = None  # photd.catalog.CatalogSource
     cones: dict[tuple[float, float], Any] = field(default_factory=dict)
     names: dict[str, tuple[float, float] | None] = field(default_factory=dict)
     lookups: dict[tuple, cf.Future] = field(default_factory=dict)
     lookup_pool: cf.ThreadPoolExecutor = field(
         default_factory=lambda: cf.ThreadPoolExecutor(1, thread_name_prefix="catalog"))
     # Fields without catalog: (night, band, target) -> the reference frame's record
-    # (daemon.pipeline.relative_reference), and the series measured that way.
+    # (photd.pipeline.relative_reference), and the series measured that way.
     references: dict[tuple[str, str, str], dict] = field(default_factory=dict)
     relative_series: set[tuple[str, str, str]] = field(default_factory=set)
     paused: bool = False
@@ -908,7 +908,7 @@ class Engine:
         Revising the comparison ensemble as the night goes on re-derives every
         earlier point with it, so the curve never mixes ensembles.
         """
-        from daemon.curves import derive
+        from photd.curves import derive
 
         entry = self._target_entry(target)
         if entry is None:
@@ -1029,7 +1029,7 @@ class Engine:
 
     def night_summary(self, night: str) -> Path:
         """``<work>/nights/<night>/summary.json`` and one light-curve PNG per target."""
-        from daemon.export import plot_lightcurve
+        from photd.export import plot_lightcurve
 
         folder = self.work / "nights" / night
         folder.mkdir(parents=True, exist_ok=True)
@@ -1083,7 +1083,7 @@ def build_master_task(kind: str, paths: list[str], cfg: Config, band: str, night
                       version: int, out: str, bias_path: str | None,
                       bias_frames: list[str]) -> dict:
     """Worker side of a master rebuild: combine, write, and measure gain/read noise."""
-    from daemon import calibration
+    from photd import calibration
 
     t0 = time.perf_counter()
     try:
@@ -1117,7 +1117,7 @@ def build_master_task(kind: str, paths: list[str], cfg: Config, band: str, night
 
 def _gain_readnoise(bias_frames: list[str], flat_frames: list[str]) -> dict:
     """Photon transfer from pairs of the night's biases and flats (paper 4.2)."""
-    from daemon import calibration
+    from photd import calibration
 
     n = min(len(bias_frames), len(flat_frames), 6) // 2 * 2
     biases = [calibration.read_frame(p)[0] for p in bias_frames[:n]]
@@ -1149,7 +1149,7 @@ def run_daemon(cfg: Config, until_idle_s: float | None = None) -> int:
             log.error("watched folder does not exist", stage="start", reason="no_folder",
                       folder=str(r))
             return 2
-    from daemon.catalog import CatalogError, CatalogSource
+    from photd.catalog import CatalogError, CatalogSource
 
     catalog = CatalogSource(cfg.catalog, work, local_file=cfg.paths.catalog or None)
     if cfg.paths.catalog and not Path(cfg.paths.catalog).exists():

@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from daemon.simulate import TARGETS, SimOptions, load_truth, simulate_night
+from photd.simulate import TARGETS, SimOptions, load_truth, simulate_night
 
 ARRIVAL_S = 0.4
 
@@ -59,7 +59,7 @@ def run_demo(directory: str | None = None, *, small: bool = True, seed: int = 1,
     print(f"photd demo: night in {root}")
     print(f"photd demo: starting the daemon (photd run --config {cfg.name} --until-idle 8)")
     t0 = time.perf_counter()
-    daemon = subprocess.Popen([sys.executable, "-m", "daemon.cli", "run", "--config", str(cfg),
+    daemon = subprocess.Popen([sys.executable, "-m", "photd.cli", "run", "--config", str(cfg),
                                "--until-idle", "8"])
     try:
         n_exposures = [0]
@@ -93,9 +93,9 @@ def _compare_with_truth(root: Path, cfg: Path, truth, target: str) -> None:
     """How far the measured calibrated magnitudes are from the simulator's truth."""
     import numpy as np
 
-    from daemon.config import load_config
-    from daemon.scheduler import store_path
-    from daemon.store import Store
+    from photd.config import load_config
+    from photd.scheduler import store_path
+    from photd.store import Store
 
     store = Store.open_readonly(store_path(load_config(cfg).work_dir))
     with store:
@@ -119,7 +119,7 @@ def _compare_with_truth(root: Path, cfg: Path, truth, target: str) -> None:
 
 
 def _summary(root: Path, cfg: Path) -> int:
-    from daemon.cli import main as photd
+    from photd.cli import main as photd
 
     photd(["status", "--config", str(cfg)])
     truth = load_truth(root)

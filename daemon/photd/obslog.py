@@ -34,7 +34,7 @@ from pathlib import Path
 import astropy.units as u
 from astropy.coordinates import Angle, RangeError
 
-from daemon.config import ObslogConfig
+from photd.config import ObslogConfig
 
 __all__ = [
     "CALIBRATION_KINDS",

@@ -32,9 +32,9 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
 
-from daemon import __version__
-from daemon.config import Config
-from daemon.obslog import LogEntry
+from photd import __version__
+from photd.config import Config
+from photd.obslog import LogEntry
 
 SCIENCE_STEPS = ("read", "headers", "calibrate", "detect", "solve", "write", "photometry")
 
@@ -131,9 +131,9 @@ def warm_up() -> None:
     try:
         from astropy.time import Time
 
-        from daemon import astrometry, calibration, lightcurve, photometry  # noqa: F401
-        from daemon.config import SiteConfig
-        from daemon.headers import airmass
+        from photd import astrometry, calibration, lightcurve, photometry  # noqa: F401
+        from photd.config import SiteConfig
+        from photd.headers import airmass
 
         airmass(10.0, 20.0, Time("2020-01-01T12:00:00", scale="utc"), SiteConfig())
     except Exception:  # noqa: BLE001 - a warm-up must never stop a worker from starting
@@ -156,7 +156,7 @@ def read_raw(path: str) -> tuple[np.ndarray, fits.Header]:
 
 def rebuild_header(task: FrameTask, raw_header: fits.Header, history: list[str]) -> fits.Header:
     """Paper Table 2 header for this frame (pointing, site, exposure, WCS guess)."""
-    from daemon.headers import build_header
+    from photd.headers import build_header
 
     entry = task.entry
     if task.target_radec is not None and not entry.has_coordinates:
@@ -172,7 +172,7 @@ def rebuild_header(task: FrameTask, raw_header: fits.Header, history: list[str])
 
 @lru_cache(maxsize=12)
 def _master(path: str, mtime: float) -> np.ndarray:
-    from daemon.calibration import read_master
+    from photd.calibration import read_master
 
     return read_master(path)[0]
 
@@ -203,7 +203,7 @@ def relative_reference(sources: Table, guess: WCS, *, band: str, frame_id: int,
     Its WCS is the header's guess (log pointing, configured scale and rotation):
     right in scale and rotation to the configuration's accuracy, off in absolute
     position by the telescope's pointing error, hence "relative". Its own
-    detections become the star list (:func:`daemon.catalog.catalog_from_sources`).
+    detections become the star list (:func:`photd.catalog.catalog_from_sources`).
 
     The target cannot be told from a field star without a catalog; it is taken
     to be the detection nearest to where the header puts the log's coordinates.
@@ -221,8 +221,8 @@ def relative_reference(sources: Table, guess: WCS, *, band: str, frame_id: int,
     import hashlib
     import json
 
-    from daemon import astrometry
-    from daemon.catalog import catalog_from_sources
+    from photd import astrometry
+    from photd.catalog import catalog_from_sources
 
     astrometry.check_sources(sources, fwhm_px, cfg)  # clouds, a double exposure, trailing
     usable = sources[~np.asarray(sources["sharp"], bool) & ~np.asarray(sources["saturated"], bool)]
@@ -262,7 +262,7 @@ def relative_reference(sources: Table, guess: WCS, *, band: str, frame_id: int,
 def register_relative(sources: Table, reference: dict[str, Any], *, shape: tuple[int, int],
                       fwhm_px: float, cfg: Any) -> Any:
     """A frame's WCS in its series' relative system (registered to the reference frame)."""
-    from daemon import astrometry
+    from photd import astrometry
 
     ref_wcs = WCS(fits.Header(reference["wcs"]), naxis=2)
     ref_sources = Table(reference["sources"])
@@ -300,7 +300,7 @@ def _record_exception(result: FrameResult, exc: Exception) -> None:
 
 def process_calibration(task: FrameTask) -> FrameResult:
     """Rebuild a calibration frame's header and store the header-fixed copy."""
-    from daemon.headers import write_processed
+    from photd.headers import write_processed
 
     result = FrameResult(task.frame_id, "calibration")
     t = result.timings
@@ -320,8 +320,8 @@ def process_calibration(task: FrameTask) -> FrameResult:
 
 def process_science(task: FrameTask) -> FrameResult:
     """Headers, calibration, astrometry and photometry of one science frame."""
-    from daemon import astrometry, calibration, photometry
-    from daemon.headers import write_processed
+    from photd import astrometry, calibration, photometry
+    from photd.headers import write_processed
 
     cfg = task.cfg
     cam = cfg.camera(task.band)
@@ -435,7 +435,7 @@ def process_science(task: FrameTask) -> FrameResult:
         with _step(t, "photometry"):
             from dataclasses import asdict
 
-            from daemon import lightcurve
+            from photd import lightcurve
 
             gain = task.gain_e_per_adu or 1.0
             rdnoise = task.rdnoise_e or 0.0

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from daemon.config import Config, ConfigError, find_config_path, load_config, with_overrides
+from photd.config import Config, ConfigError, find_config_path, load_config, with_overrides
 
 EXAMPLES = """examples:
   photd demo --small                       simulate a small night and process it live
@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "simulate":
-        from daemon.simulate import SimOptions, simulate_night
+        from photd.simulate import SimOptions, simulate_night
 
         if args.frames < 1:
             print("photd: --frames must be at least 1", file=sys.stderr)
@@ -133,20 +133,20 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(Path(args.outdir) / "raw")
         return 0
     if args.command == "demo":
-        from daemon.demo import run_demo
+        from photd.demo import run_demo
 
         return run_demo(directory=args.dir, small=not args.full, seed=args.seed,
                         frames=args.frames)
     cfg = _config(args)
     if args.command == "run":
-        from daemon.scheduler import run_daemon
+        from photd.scheduler import run_daemon
 
         if not cfg.paths.watch:
             print("photd: nothing to watch: give --watch DIR or paths.watch in the "
                   "configuration", file=sys.stderr)
             return 2
         return run_daemon(cfg, until_idle_s=args.until_idle)
-    from daemon import reports
+    from photd import reports
 
     if args.command == "status":
         return reports.status(cfg, as_json=args.json)

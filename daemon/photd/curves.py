@@ -1,4 +1,4 @@
-"""Light curves from the store: the glue between stored rows and :mod:`daemon.lightcurve`.
+"""Light curves from the store: the glue between stored rows and :mod:`photd.lightcurve`.
 
 The store keeps every star's instrumental measurement of every frame, so a
 target's differential curve (and its comparison stars' curves, for plots) can
@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 from astropy.table import Table
 
-from daemon.config import Config
-from daemon.lightcurve import EnsembleInfo, derive_lightcurve
-from daemon.store import Store
+from photd.config import Config
+from photd.lightcurve import EnsembleInfo, derive_lightcurve
+from photd.store import Store
 
 #: Light-curve row flag (beyond the photometry bits): the frame was calibrated
 #: with provisional masters (an earlier night's, or none yet); it is measured
@@ -67,7 +67,7 @@ def relative_frames(store: Store, frame_ids: Any) -> tuple[dict[int, str], str |
     """Frames measured in a relative WCS -> their reference's id, and the newest reference.
 
     The newest reference is the one a stored reference frame carries (see
-    :func:`daemon.pipeline.relative_reference`); None when none is stored.
+    :func:`photd.pipeline.relative_reference`); None when none is stored.
     """
     out: dict[int, str] = {}
     current = None

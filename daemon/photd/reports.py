@@ -10,10 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-from daemon.config import Config
-from daemon.obslog import slug
-from daemon.scheduler import pause_marker, store_path
-from daemon.store import Store
+from photd.config import Config
+from photd.obslog import slug
+from photd.scheduler import pause_marker, store_path
+from photd.store import Store
 
 
 def _open(cfg: Config) -> Store | None:
@@ -87,7 +87,7 @@ def _table(rows: list[dict]) -> str:
 def tail(cfg: Config, target: str, *, band: str | None = None, follow: bool = False,
          n: int = 15) -> int:
     """Show the newest light-curve points; with ``follow``, keep updating."""
-    from daemon.export import terminal_plot
+    from photd.export import terminal_plot
 
     shown = None
     while True:
@@ -112,7 +112,7 @@ def tail(cfg: Config, target: str, *, band: str | None = None, follow: bool = Fa
 def export(cfg: Config, target: str, *, band: str | None = None, fmt: str = "csv",
            output: str | None = None) -> int:
     """Write a target's light curve as CSV (the contract columns), ECSV or AAVSO."""
-    from daemon import export as ex
+    from photd import export as ex
 
     rows = _rows(cfg, target, band)
     if rows is None:
@@ -132,7 +132,7 @@ def export(cfg: Config, target: str, *, band: str | None = None, fmt: str = "csv
 def plot(cfg: Config, target: str, *, band: str | None = None,
          output: str | None = None) -> int:
     """Plot a target's light curve per band, comparison stars beneath."""
-    from daemon import export as ex
+    from photd import export as ex
 
     rows = _rows(cfg, target, band)
     if rows is None:
@@ -152,8 +152,8 @@ def plot(cfg: Config, target: str, *, band: str | None = None,
 
 def _comparison_curves(cfg: Config, target: str, bands: list[str]) -> dict:
     """Each band's comparison stars against the rest of the ensemble, for the plot."""
-    from daemon.catalog import CatalogError, CatalogSource, CatalogUnavailable
-    from daemon.curves import derive, target_position
+    from photd.catalog import CatalogError, CatalogSource, CatalogUnavailable
+    from photd.curves import derive, target_position
 
     store = _open(cfg)
     if store is None:

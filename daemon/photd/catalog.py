@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 from astropy.table import MaskedColumn, Table, vstack
 
-from daemon.atomic import atomic_write, atomic_write_text
-from daemon.config import CatalogConfig
+from photd.atomic import atomic_write, atomic_write_text
+from photd.config import CatalogConfig
 
 __all__ = [
     "CatalogError",
@@ -527,7 +527,7 @@ def catalog_from_sources(sources: Table, wcs, *, band: str, max_stars: int = 80)
     Parameters
     ----------
     sources : astropy.table.Table
-        :func:`daemon.astrometry.detect_sources` rows (``x``, ``y``, brightest
+        :func:`photd.astrometry.detect_sources` rows (``x``, ``y``, brightest
         first; ``sharp``, ``saturated``, ``isolated`` when present).
     wcs : astropy.wcs.WCS
         The frame's WCS (for a field without catalog: the header's guess).

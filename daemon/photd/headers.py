@@ -39,10 +39,10 @@ from astropy.io import fits
 from astropy.time import Time
 from astropy.utils import iers
 
-from daemon import __version__
-from daemon.atomic import atomic_write
-from daemon.config import BANDS, Config, SiteConfig
-from daemon.obslog import LogEntry
+from photd import __version__
+from photd.atomic import atomic_write
+from photd.config import BANDS, Config, SiteConfig
+from photd.obslog import LogEntry
 
 __all__ = [
     "HeaderError",

@@ -37,7 +37,7 @@ from astropy.table import Table
 from astropy.wcs import WCS
 from photutils.aperture import CircularAperture
 
-from daemon.config import PhotometryConfig
+from photd.config import PhotometryConfig
 
 # Bit flags of a measurement (combine with |; 0 = clean).
 EDGE = 1  # the aperture crosses the frame edge
