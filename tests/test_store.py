@@ -23,8 +23,11 @@ from photd.store import (
     STATES,
     TERMINAL_STATES,
     Store,
+    StoreDamaged,
     StoreError,
     UnknownFrameError,
+    backup_generations,
+    restore_from_backup,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -509,6 +512,105 @@ def test_backup_is_complete_consistent_and_atomic(store: Store, tmp_path: Path) 
     assert busy == 0
     with pytest.raises(ValueError):
         store.checkpoint("; VACUUM")
+
+
+def _damage(path: Path) -> None:
+    """Overwrite the middle pages of a closed SQLite file with garbage (a disk fault)."""
+    size = path.stat().st_size
+    page = 4096
+    assert size >= 4 * page, "the test store is too small to damage realistically"
+    with open(path, "r+b") as fh:
+        fh.seek(2 * page)
+        fh.write(bytes(range(256)) * (page // 256) * 2)
+
+
+def _filled_store(path: Path, frames: int = 40) -> None:
+    with Store.open(path) as s:
+        for k in range(frames):
+            fid = add_frame(s, k + 1)
+            s.finish_frame(fid, measurements=stars(30, 1.0 + k), target="M67")
+        s.checkpoint("truncate")
+
+
+def test_a_damaged_store_is_refused_at_open_naming_its_good_backup(tmp_path: Path) -> None:
+    path = tmp_path / "photd.sqlite"
+    _filled_store(path)
+    with Store.open(path) as s:
+        good = s.backup(tmp_path / "backup" / "photd.sqlite.bak")
+    _damage(path)
+    with pytest.raises(StoreDamaged) as err:
+        Store.open(path, backups=backup_generations(good))
+    assert err.value.backups == [good]
+    assert str(good) in str(err.value) and str(path) in str(err.value)
+
+
+def test_a_damaged_store_never_replaces_the_last_good_backup(tmp_path: Path) -> None:
+    path = tmp_path / "photd.sqlite"
+    _filled_store(path)
+    dest = tmp_path / "backup" / "photd.sqlite.bak"
+    with Store.open(path) as s:
+        s.backup(dest)
+    good_bytes = dest.read_bytes()
+    # Damaged after the daemon opened it (the open-time check passed then):
+    # a connection made past Store.open stands for it.
+    _damage(path)
+    s = Store(sqlite3.connect(path, isolation_level=None), path, readonly=False)
+    with pytest.raises(StoreDamaged):
+        s.backup(dest)
+    s.close()
+    assert dest.read_bytes() == good_bytes
+    assert sorted(p.name for p in dest.parent.iterdir()) == [dest.name]
+
+
+def test_backups_rotate_and_keep_three_generations(store: Store, tmp_path: Path) -> None:
+    dest = tmp_path / "backup" / "photd.sqlite.bak"
+    for k in range(5):
+        add_frame(store, k + 1)
+        store.backup(dest)
+    names = sorted(p.name for p in dest.parent.iterdir())
+    assert names == ["photd.sqlite.bak", "photd.sqlite.bak.1", "photd.sqlite.bak.2"]
+    counts = []
+    for gen in backup_generations(dest):
+        with Store.open_readonly(gen) as copy:
+            counts.append(sum(copy.counts().values()))
+    assert counts == [5, 4, 3]  # newest first
+
+
+def test_restore_from_backup_keeps_the_damaged_file_aside(tmp_path: Path) -> None:
+    path = tmp_path / "photd.sqlite"
+    _filled_store(path, frames=40)
+    dest = tmp_path / "backup" / "photd.sqlite.bak"
+    with Store.open(path) as s:
+        s.backup(dest)
+    damaged_bytes = path.read_bytes()
+    _damage(path)
+    damaged_bytes = path.read_bytes()
+    got = restore_from_backup(path, backup_generations(dest))
+    assert got is not None
+    used, aside = got
+    assert used == dest and aside.read_bytes() == damaged_bytes
+    with Store.open(path) as s:
+        assert s.quick_check() == "ok"
+        assert s.counts() == {"done": 40}
+
+
+def test_restore_without_a_good_backup_changes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "photd.sqlite"
+    _filled_store(path)
+    _damage(path)
+    before = path.read_bytes()
+    assert restore_from_backup(path, [tmp_path / "missing.bak"]) is None
+    assert path.read_bytes() == before
+
+
+def test_backup_refuses_a_folder_that_is_a_link_out_of_the_work_folder(
+        store: Store, tmp_path: Path) -> None:
+    outside = tmp_path.parent / (tmp_path.name + "-elsewhere")
+    outside.mkdir()
+    (store.path.parent / "backup").symlink_to(outside)
+    with pytest.raises(StoreError, match="link"):
+        store.backup(store.path.parent / "backup" / "photd.sqlite.bak")
+    assert list(outside.iterdir()) == []
 
 
 # ---- concurrency and crashes (real processes) -------------------------------------

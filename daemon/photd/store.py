@@ -84,6 +84,80 @@ class UnknownFrameError(KeyError):
     """No frame with the given id or path is in the store."""
 
 
+class StoreDamaged(StoreError):
+    """The store file fails SQLite's check (a disk fault, a copy cut short).
+
+    ``problem`` is what SQLite reported; ``backups`` the good backups there
+    are, newest first (see :func:`restore_from_backup`).
+    """
+
+    def __init__(self, path: Path, problem: str, backups: Sequence[Path] = ()) -> None:
+        self.path, self.problem, self.backups = Path(path), problem, list(backups)
+        hint = (f"; the newest good backup is {self.backups[0]}" if self.backups
+                else "; no good backup was found")
+        super().__init__(f"{path} is damaged ({problem.splitlines()[0][:200]}){hint}")
+
+
+#: Backups kept: ``photd.sqlite.bak`` (newest), ``.bak.1``, ``.bak.2``.
+BACKUPS_KEPT = 3
+
+
+def backup_generations(dest_path: str | os.PathLike[str]) -> list[Path]:
+    """The rotating backup files for ``dest_path``, newest first."""
+    dest = Path(dest_path)
+    return [dest] + [dest.with_name(f"{dest.name}.{k}") for k in range(1, BACKUPS_KEPT)]
+
+
+def check_file(path: str | os.PathLike[str]) -> str:
+    """``'ok'`` if ``path`` is a sound SQLite file (``PRAGMA quick_check``), else the problem."""
+    path = Path(path)
+    if not path.is_file():
+        return f"{path}: no such file"
+    try:
+        conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
+        try:
+            rows = conn.execute("PRAGMA quick_check").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        return str(exc)
+    return "\n".join(str(row[0]) for row in rows)
+
+
+def restore_from_backup(path: str | os.PathLike[str],
+                        backups: Iterable[str | os.PathLike[str]]) -> tuple[Path, Path] | None:
+    """Put the newest good backup in place of a damaged store, keeping the damaged file.
+
+    The damaged file (and its ``-wal``/``-shm``) is renamed to
+    ``<name>.damaged-<UTC time>`` beside it, never deleted. Frames finished
+    after the backup was taken are simply processed again: the raw files are
+    intact and re-processing replaces a frame's results.
+
+    Returns
+    -------
+    (backup_used, damaged_copy) or None
+        None when no backup passes the check (nothing is changed then).
+    """
+    path = Path(path)
+    good = next((Path(b) for b in backups if check_file(b) == "ok"), None)
+    if good is None:
+        return None
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    aside = path.with_name(f"{path.name}.damaged-{stamp}")
+    for suffix in ("", "-wal", "-shm"):
+        src = Path(f"{path}{suffix}")
+        if src.exists():
+            os.replace(src, Path(f"{aside}{suffix}"))
+    tmp = path.with_name(f".{path.name}.restore-{os.getpid()}")
+    with open(good, "rb") as src_fh, open(tmp, "wb") as dst_fh:
+        for chunk in iter(lambda: src_fh.read(1 << 20), b""):
+            dst_fh.write(chunk)
+        dst_fh.flush()
+        os.fsync(dst_fh.fileno())
+    os.replace(tmp, path)
+    return good, aside
+
+
 # --------------------------------------------------------------------------
 # Schema and migrations
 # --------------------------------------------------------------------------
@@ -365,8 +439,9 @@ class Store:
     # ---- opening and closing ---------------------------------------------
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.time) -> Store:
-        """Open (creating if needed) the store for writing and migrate it.
+    def open(cls, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.time,
+             backups: Sequence[str | os.PathLike[str]] = ()) -> Store:
+        """Open (creating if needed) the store for writing, check it and migrate it.
 
         Parameters
         ----------
@@ -374,6 +449,9 @@ class Store:
             Database file; its parent folder is created if missing.
         clock : callable, optional
             Source of Unix seconds for ``first_seen``/``updated``/``created``.
+        backups : sequence of path-like, optional
+            The backups of this store, newest first: a damaged store's error
+            names the good ones.
 
         Returns
         -------
@@ -382,6 +460,8 @@ class Store:
 
         Raises
         ------
+        StoreDamaged
+            If an existing file fails ``PRAGMA quick_check``.
         StoreError
             If the file is not an SQLite database, WAL mode cannot be enabled
             or the file was written by a newer photd (schema version above
@@ -389,13 +469,28 @@ class Store:
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        existed = path.is_file() and path.stat().st_size > 0
         conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
         try:
             store = cls(conn, path, readonly=False, clock=clock)
+            if existed:
+                # A damaged file must be noticed before anything writes to it (or
+                # backs it up over the last good copy).
+                problem = store.quick_check()
+                if problem != "ok":
+                    raise StoreDamaged(path, problem,
+                                       [Path(b) for b in backups if check_file(b) == "ok"])
             store._configure_writer()
             store._migrate()
+        except StoreError:
+            conn.close()
+            raise
         except sqlite3.DatabaseError as exc:
             conn.close()
+            if existed and exc.sqlite_errorcode in (sqlite3.SQLITE_CORRUPT,
+                                                    sqlite3.SQLITE_NOTADB):
+                raise StoreDamaged(path, str(exc),
+                                   [Path(b) for b in backups if check_file(b) == "ok"]) from exc
             raise StoreError(f"{path}: cannot open as a photd store: {exc}") from exc
         except BaseException:
             conn.close()
@@ -1207,20 +1302,33 @@ class Store:
     # ---- maintenance -------------------------------------------------------
 
     def backup(self, dest_path: str | os.PathLike[str]) -> Path:
-        """Write a consistent copy of the store to ``dest_path`` while running.
+        """Write a checked copy of the store to ``dest_path`` while running; rotate older ones.
 
         Uses SQLite's online backup into a temporary file in the destination
-        folder, flushes it, then renames it into place: ``dest_path`` is
-        either the previous backup or the complete new one.
+        folder, runs ``PRAGMA quick_check`` on the copy, flushes it, then
+        shifts the previous backups down (``.bak`` -> ``.bak.1`` -> ...,
+        :data:`BACKUPS_KEPT` in all) and renames the copy into place. A copy
+        that fails the check replaces nothing: a damaged store never destroys
+        the last good backup.
 
         Returns
         -------
         pathlib.Path
             ``dest_path``.
+
+        Raises
+        ------
+        StoreDamaged
+            If the copy (hence the store) fails the check.
+        StoreError
+            If the destination folder is a symbolic link.
         """
         if self.conn.in_transaction:
             raise StoreError("backup() cannot run inside a transaction")
         dest = Path(dest_path)
+        if dest.parent.is_symlink():
+            # A link planted in the work folder must not make photd write elsewhere.
+            raise StoreError(f"{dest.parent} is a symbolic link: no backup written through it")
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
         tmp.unlink(missing_ok=True)
@@ -1230,10 +1338,24 @@ class Store:
                 self.conn.backup(target)
                 # A self-contained file: no -wal/-shm beside the renamed copy.
                 target.execute("PRAGMA journal_mode = DELETE")
+                problem = "ok"
+            except sqlite3.DatabaseError as exc:
+                if exc.sqlite_errorcode not in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+                    raise
+                problem = str(exc)
             finally:
                 target.close()
+            if problem == "ok":
+                problem = check_file(tmp)
+            if problem != "ok":
+                raise StoreDamaged(self.path, problem,
+                                   [b for b in backup_generations(dest) if b.exists()])
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
+            generations = backup_generations(dest)
+            for older, newer in zip(generations[:0:-1], generations[-2::-1], strict=True):
+                if newer.exists():
+                    os.replace(newer, older)
             os.replace(tmp, dest)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -1245,6 +1367,11 @@ class Store:
             finally:
                 os.close(dirfd)
         return dest
+
+    def quick_check(self) -> str:
+        """Run ``PRAGMA quick_check`` (seconds on a large store); ``'ok'`` or the problems."""
+        rows = self.conn.execute("PRAGMA quick_check").fetchall()
+        return "\n".join(str(row[0]) for row in rows)
 
     def integrity_check(self) -> str:
         """Run ``PRAGMA integrity_check``; return ``'ok'`` or the problems found."""
