@@ -173,17 +173,64 @@ def sha256_of(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def scan(folders: Iterable[str | Path]) -> Iterator[Path]:
-    """Every file below the watched folders (frames and candidate logs), sorted."""
+#: Folders nested deeper than this below a watched folder are not looked into
+#: (a camera writes a few levels: night, band; a thousand is an accident or an attack).
+MAX_DEPTH = 16
+
+
+@dataclass
+class Tree:
+    """What :func:`walk` found below the watched folders.
+
+    ``files`` and ``folders`` are sorted; ``too_deep`` lists the folders at
+    the depth limit whose contents were not looked into.
+    """
+
+    files: list[Path]
+    folders: list[Path]
+    too_deep: list[Path]
+
+
+def walk(folders: Iterable[str | Path], *, max_depth: int = MAX_DEPTH) -> Tree:
+    """Every file and folder below the watched folders, to ``max_depth`` levels.
+
+    Iterative (an explicit stack, no recursion), so no nesting can exhaust
+    Python's recursion limit; hidden names are skipped, links to folders are
+    not followed, and a folder that vanishes or cannot be read is passed over.
+    """
+    files: list[Path] = []
+    dirs: list[Path] = []
+    too_deep: list[Path] = []
     for folder in folders:
         root = Path(folder)
         if not root.is_dir():
             continue
-        found = []
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            found += [Path(dirpath) / f for f in filenames if not f.startswith(".")]
-        yield from sorted(found)
+        stack = [(root, 0)]
+        while stack:
+            here, depth = stack.pop()
+            dirs.append(here)
+            try:
+                with os.scandir(here) as entries:
+                    listing = [(e.name, e.is_dir(follow_symlinks=False),
+                                e.is_symlink() and e.is_dir()) for e in entries
+                               if not e.name.startswith(".")]
+            except OSError:
+                continue
+            for name, is_dir, links_to_dir in listing:
+                if links_to_dir:
+                    continue
+                if not is_dir:
+                    files.append(here / name)
+                elif depth + 1 > max_depth:
+                    too_deep.append(here / name)
+                else:
+                    stack.append((here / name, depth + 1))
+    return Tree(sorted(files), sorted(dirs), sorted(too_deep))
+
+
+def scan(folders: Iterable[str | Path], *, max_depth: int = MAX_DEPTH) -> Iterator[Path]:
+    """Every file below the watched folders (frames and candidate logs), sorted."""
+    yield from walk(folders, max_depth=max_depth).files
 
 
 class _Handler(FileSystemEventHandler):
@@ -218,20 +265,39 @@ class FolderWatcher:
     def __init__(self, folders: Iterable[str | Path], *, polling: bool = False,
                  poll_interval_s: float = 2.0) -> None:
         self.events: queue.Queue[Path] = queue.Queue()
+        self.problem: str | None = None
         self.observer = (PollingObserver(timeout=poll_interval_s) if polling else Observer())
         handler = _Handler(self.events)
         for folder in folders:
             Path(folder).mkdir(parents=True, exist_ok=True)
             self.observer.schedule(handler, str(folder), recursive=True)
 
-    def start(self) -> None:
-        """Start the observer threads."""
-        self.observer.start()
+    def start(self) -> str | None:
+        """Start the observer threads; returns why events are unavailable, or None.
+
+        watchdog walks the folders recursively to place its watches; a tree
+        nested beyond Python's recursion limit (or out of inotify watches)
+        makes that fail. photd then goes on with its periodic rescans alone,
+        which find every file :func:`walk` reaches.
+        """
+        try:
+            self.observer.start()
+        except (RecursionError, OSError) as exc:
+            self.problem = f"{type(exc).__name__}: {exc}"
+            return self.problem
+        return None
+
+    def alive(self) -> bool:
+        """True while the observer and every one of its event threads run."""
+        if self.problem is not None or not self.observer.is_alive():
+            return False
+        return all(e.is_alive() for e in self.observer.emitters)
 
     def stop(self) -> None:
         """Stop and join the observer threads."""
         self.observer.stop()
-        self.observer.join(timeout=5)
+        if self.observer.is_alive():
+            self.observer.join(timeout=5)
 
     def drain(self, timeout_s: float = 0.0) -> list[Path]:
         """Paths reported since the last call (unique, in order of first report)."""
