@@ -6,6 +6,7 @@ tests run the other side in a real separate process.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import signal
@@ -491,6 +492,58 @@ def test_status_json_has_exactly_the_contract_shape(store: Store) -> None:
         },
     ]
     assert store.frame(g10)["state"] == "arrived"
+
+
+# ---- views for readers (sqlite3, pandas, Datasette) ------------------------------
+
+
+def test_lightcurve_view_gives_frame_number_iso_ut_and_zero_point(store: Store) -> None:
+    fid = add_frame(store, 17, band="r")
+    store.finish_frame(fid, measurements=stars(3, 1.0), target="OJ287",
+                       zeropoint={"zp": 24.5, "zp_err": 0.01, "n_stars": 12},
+                       lightcurve_rows=[{"target": "OJ287", "band": "r", "mjd": 51544.5,
+                                         "mag": 14.2, "mag_err": 0.01, "diff_mag": 0.3,
+                                         "diff_mag_err": 0.005, "flags": 1024}])
+    rows = list(store.db.query("SELECT * FROM lightcurve_ut"))
+    assert len(rows) == 1
+    row = rows[0]
+    # MJD 51544.5 is the J2000.0 epoch, 2000-01-01 12:00 UTC
+    assert row["ut_iso"] == "2000-01-01T12:00:00.000"
+    assert (row["frame"], row["target"], row["band"]) == (17, "OJ287", "r")
+    assert (row["zero_point"], row["diff_mag_err"], row["flags"]) == (24.5, 0.005, 1024)
+
+
+def test_frame_states_view_shows_readable_times(store: Store) -> None:
+    add_frame(store, 3)
+    (row,) = store.db.query("SELECT * FROM frame_states")
+    assert row["state"] == "arrived" and row["frame_number"] == 3
+    assert dt.datetime.fromisoformat(row["first_seen_utc"]).year >= 2024
+
+
+def test_flags_table_decodes_every_bit_photd_sets(store: Store) -> None:
+    from photd import curves, lightcurve, photometry
+    from photd.flags import FLAGS, decode
+
+    table = {r["bit"]: r["name"] for r in store.db.query("SELECT * FROM flags")}
+    assert table == {bit: name for bit, (name, _m) in FLAGS.items()}
+    set_by_code = {photometry.EDGE, photometry.SATURATED, photometry.NEIGHBOUR,
+                   photometry.COSMIC, photometry.NO_CENTROID, photometry.BAD_SKY,
+                   photometry.NONPOSITIVE, photometry.OFF_FRAME, lightcurve.FEW_COMPARISONS,
+                   curves.RELATIVE_WCS, curves.PROVISIONAL_CALIBRATION}
+    assert set_by_code <= set(FLAGS)
+    assert decode(8 | 1024) == ["cosmic_ray", "provisional_calibration"]
+
+
+def test_a_target_is_decided_once_per_night(store: Store) -> None:
+    add_frame(store, 1)  # records the night
+    first = dict(ra_deg=133.7036, dec_deg=20.1085, source="catalog", status="refined",
+                 offset_arcsec=0.1, runner_up_arcsec=40.0)
+    assert store.record_target("2016-11-01", "OJ287", **first)
+    assert not store.record_target("2016-11-01", "OJ287", **{**first, "ra_deg": 1.0})
+    got = store.target_decision("2016-11-01", "OJ287")
+    assert got["ra_deg"] == 133.7036 and got["source"] == "catalog"
+    store.forget_target("2016-11-01", "OJ287")
+    assert store.target_decision("2016-11-01", "OJ287") is None
 
 
 # ---- maintenance ---------------------------------------------------------------

@@ -5,23 +5,32 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from photd.watcher import MAX_DEPTH, FolderWatcher, walk
 
 
-def _nest(root: Path, levels: int) -> Path:
-    """``levels`` folders one inside the other (made without recursion)."""
-    here = root
-    for _ in range(levels):
+@pytest.fixture
+def deep(tmp_path: Path):
+    """1200 folders one inside the other (made, and removed, without recursion:
+    shutil.rmtree and pytest's own clean-up of old temporary folders recurse)."""
+    here = tmp_path
+    for _ in range(1200):
         here = here / "d"
         here.mkdir()
-    return here
+    yield here
+    while here != tmp_path:
+        for child in here.iterdir():
+            child.unlink()
+        here.rmdir()
+        here = here.parent
 
 
-def test_walk_stops_at_the_depth_limit_on_a_thousand_nested_folders(tmp_path: Path) -> None:
+def test_walk_stops_at_the_depth_limit_on_a_thousand_nested_folders(
+        tmp_path: Path, deep: Path) -> None:
     (tmp_path / "night").mkdir()
     (tmp_path / "night" / "a.fits").write_bytes(b"")
-    bottom = _nest(tmp_path, 1200)
-    (bottom / "deep.fits").write_bytes(b"")
+    (deep / "deep.fits").write_bytes(b"")
     tree = walk([tmp_path])
     assert tree.files == [tmp_path / "night" / "a.fits"]
     assert tree.too_deep == [tmp_path.joinpath(*["d"] * (MAX_DEPTH + 1))]
@@ -45,8 +54,8 @@ def test_walk_lists_names_that_are_not_utf8(tmp_path: Path) -> None:
     assert [os.fsencode(p) for p in tree.files] == [raw]
 
 
-def test_watcher_start_on_a_too_deep_tree_reports_instead_of_raising(tmp_path: Path) -> None:
-    _nest(tmp_path, 1200)
+def test_watcher_start_on_a_too_deep_tree_reports_instead_of_raising(
+        tmp_path: Path, deep: Path) -> None:
     watcher = FolderWatcher([tmp_path])
     problem = watcher.start()
     try:

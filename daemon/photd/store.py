@@ -38,6 +38,8 @@ from typing import Any
 
 import sqlite_utils
 
+from photd.flags import FLAGS
+
 # --------------------------------------------------------------------------
 # Frame states
 # --------------------------------------------------------------------------
@@ -337,11 +339,79 @@ def _migrate_v2_stale_lightcurves(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migrate_v3_views_flags_targets(db: sqlite_utils.Database) -> None:
+    # What an observer asks of the store with sqlite3, pandas or Datasette:
+    # "the light curve of X" with the frame number and UT, and the frames'
+    # states with readable times. Time columns of the tables stay Unix seconds
+    # (REAL); the views put ISO UTC text beside them.
+    db.execute(
+        """
+        CREATE VIEW lightcurve_ut AS
+        SELECT l.target, l.band, f.night, f.frame_number AS frame,
+               strftime('%Y-%m-%dT%H:%M:%f', (l.mjd - 40587.0) * 86400.0, 'unixepoch')
+                   AS ut_iso,
+               l.mjd AS mjd_utc, l.bjd_tdb, l.mag, l.mag_err, l.diff_mag, l.diff_mag_err,
+               l.airmass, l.fwhm_arcsec, l.aperture_px, z.zp AS zero_point,
+               z.zp_err AS zero_point_err, l.flags, l.ensemble_version, l.comparison,
+               f.path AS raw_path, l.frame_id
+        FROM lightcurve l
+        JOIN frames f ON f.id = l.frame_id
+        LEFT JOIN zeropoints z ON z.frame_id = l.frame_id
+        """
+    )
+    db.execute(
+        """
+        CREATE VIEW frame_states AS
+        SELECT f.id AS frame_id, f.night, f.band, f.frame_number, f.kind, f.target,
+               f.state, f.reason, f.path AS raw_path, f.output, f.calib_version,
+               datetime(f.first_seen, 'unixepoch') AS first_seen_utc,
+               datetime(f.updated, 'unixepoch') AS updated_utc,
+               datetime(f.done_at, 'unixepoch') AS done_utc
+        FROM frames f
+        """
+    )
+    # The flag bits, so that a reader of the file alone can decode them
+    # (rows written from photd.flags.FLAGS at every open of the writer).
+    db.execute(
+        """
+        CREATE TABLE flags (
+            bit      INTEGER PRIMARY KEY,
+            name     TEXT NOT NULL,
+            meaning  TEXT NOT NULL
+        )
+        """
+    )
+    # Where each target is measured, decided once per night with its evidence
+    # (photd.targets): the position, where it came from, and how the first
+    # solved frame's detections confirmed it.
+    db.execute(
+        """
+        CREATE TABLE targets (
+            night             TEXT NOT NULL,
+            target            TEXT NOT NULL,
+            ra_deg            REAL NOT NULL,
+            dec_deg           REAL NOT NULL,
+            source            TEXT NOT NULL,
+            catalog_id        TEXT,
+            prior_ra_deg      REAL,
+            prior_dec_deg     REAL,
+            status            TEXT NOT NULL,
+            offset_arcsec     REAL,
+            runner_up_arcsec  REAL,
+            frame_id          INTEGER,
+            decided           REAL NOT NULL,
+            PRIMARY KEY (night, target)
+        )
+        """
+    )
+
+
 #: Migrations in order; number i (0-based) takes ``user_version`` from i to
 #: i + 1. Append only: never edit or reorder a released migration.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migrate_v1_initial_schema,
     _migrate_v2_stale_lightcurves,
+    _migrate_v3_views_flags_targets,
 ]
 
 
@@ -576,6 +646,11 @@ class Store:
                 # PRAGMA takes no parameters; the value is our own integer.
                 self.conn.execute(f"PRAGMA user_version = {int(number + 1)}")
         self._columns.clear()
+        with self.transaction():
+            self.conn.execute("DELETE FROM flags")
+            self.conn.executemany("INSERT INTO flags (bit, name, meaning) VALUES (?, ?, ?)",
+                                  [(bit, name, meaning)
+                                   for bit, (name, meaning) in sorted(FLAGS.items())])
 
     def close(self) -> None:
         """Close the connection (an open transaction is rolled back)."""
@@ -1243,6 +1318,35 @@ class Store:
             self.db.execute(
                 "DELETE FROM stale_lightcurves WHERE target = ? AND band = ?", [target, band]
             )
+
+    def record_target(self, night: str, target: str, **fields: Any) -> bool:
+        """Keep where ``target`` is measured on ``night``, unless already decided.
+
+        ``fields``: the columns of the ``targets`` table (``ra_deg``, ``dec_deg``,
+        ``source``, ``status``, ...). Returns True if this call decided it.
+        """
+        self._check_columns("targets", fields, "target decision")
+        row = {"night": _check_night(night), "target": target, **fields,
+               "decided": self.clock()}
+        cols = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        with self.transaction():
+            cur = self.conn.execute(
+                f"INSERT OR IGNORE INTO targets ({cols}) VALUES ({marks})",
+                [_to_sql("targets", k, v) for k, v in row.items()])
+        return cur.rowcount == 1
+
+    def target_decision(self, night: str, target: str) -> dict[str, Any] | None:
+        """Where ``target`` is measured on ``night`` (a ``targets`` row), or None."""
+        rows = self._query("targets", "SELECT * FROM targets WHERE night = ? AND target = ?",
+                           (night, target))
+        return rows[0] if rows else None
+
+    def forget_target(self, night: str, target: str) -> None:
+        """Drop a night's decision (its frames are measured again from scratch)."""
+        with self.transaction():
+            self.conn.execute("DELETE FROM targets WHERE night = ? AND target = ?",
+                              (night, target))
 
     def mark_lightcurve_stale(self, target: str, band: str) -> None:
         """Record that a target's curve in a band must be derived again.
