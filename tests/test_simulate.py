@@ -153,3 +153,26 @@ def test_true_wcs_puts_stars_where_the_truth_table_says(small_truth):
     scale = math.sqrt(abs(np.linalg.det(w.pixel_scale_matrix))) * 3600
     assert scale == pytest.approx(0.107 * SMALL_BINNING, rel=0.005)
     assert CAMERAS["g"].gain_e_per_adu == small_truth.camera("g")["gain_e_per_adu"]
+
+
+def test_rounded_log_types_oj287_as_the_papers_table_1_does() -> None:
+    from photd.simulate import log_lines
+
+    opts = SimOptions(seed=3, small=True, science_per_target=4, log_coords="rounded")
+    lines = log_lines(plan_night(opts), opts)
+    oj = [ln for ln in lines if ",OJ287," in ln]
+    assert len(oj) == 1 and oj[0].endswith(",OJ287,300,08:54:48,+20:06:30")
+
+
+def test_pointing_log_is_half_an_arcminute_to_a_minute_from_the_target() -> None:
+    import astropy.units as u
+    from astropy.coordinates import SkyCoord
+
+    from photd.simulate import TARGETS, log_coordinates
+
+    for seed in range(5):
+        for tgt in TARGETS:
+            ra, dec = log_coordinates(tgt, SimOptions(seed=seed, log_coords="pointing"))
+            logged = SkyCoord(ra, dec, unit=(u.hourangle, u.deg))
+            true = SkyCoord(tgt.ra_text, tgt.dec_text, unit=(u.hourangle, u.deg))
+            assert 29.0 < logged.separation(true).arcsec < 61.0

@@ -36,6 +36,7 @@ import io
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -135,6 +136,15 @@ class SimOptions:
     n_dark: int = 3
     flats: str = "dusk"  # "dusk" (before the science frames) or "dawn" (after them)
     workers: int = 0  # 0 = number of cores (non-arrival mode)
+    # How the observer types the targets' coordinates into the log: "exact";
+    # "rounded" (whole seconds of RA and arcsec of Dec cut off, as the paper's
+    # Table 1 gives OJ 287: 08:54:48 +20:06:30, 12" from it); "pointing" (the
+    # field centre the telescope was sent to, 30-60" from the target).
+    log_coords: str = "exact"
+    # How the reference catalog lists the targets: "name" (a row whose id is
+    # the log's name, as a chart sequence does); "spaced" (the name spelled
+    # as SIMBAD does, "OJ 287"); "none" (not listed, as in a star catalog).
+    catalog_targets: str = "name"
 
     @property
     def binning(self) -> int:
@@ -257,8 +267,25 @@ def plan_night(opts: SimOptions) -> list[FramePlan]:
     return plans
 
 
-def log_lines(plans: list[FramePlan]) -> list[str]:
+def log_coordinates(tgt: Target, opts: SimOptions) -> tuple[str, str]:
+    """A target's RA and Dec as the observer types them (``opts.log_coords``)."""
+    if opts.log_coords == "exact":
+        return tgt.ra_text, tgt.dec_text
+    if opts.log_coords == "rounded":  # digits after the last colon cut off, not rounded
+        return tgt.ra_text.split(".")[0], tgt.dec_text.split(".")[0]
+    if opts.log_coords == "pointing":
+        rng = _rng(opts, 9, TARGETS.index(tgt))
+        dist, angle = rng.uniform(30.0, 60.0), rng.uniform(0, 2 * math.pi)
+        c = SkyCoord(*_target_deg(tgt), unit="deg").spherical_offsets_by(
+            dist * math.cos(angle) * u.arcsec, dist * math.sin(angle) * u.arcsec)
+        return (c.ra.to_string(unit=u.hourangle, sep=":", precision=1, pad=True),
+                c.dec.to_string(sep=":", precision=0, alwayssign=True, pad=True))
+    raise ValueError(f"log_coords must be exact, rounded or pointing, not {opts.log_coords!r}")
+
+
+def log_lines(plans: list[FramePlan], opts: SimOptions | None = None) -> list[str]:
     """The observing log (paper Table 1) that the observer writes for ``plans``."""
+    opts = opts or SimOptions()
     lines: list[str] = []
     groups: list[list[FramePlan]] = []
     for p in plans:
@@ -274,8 +301,9 @@ def log_lines(plans: list[FramePlan]) -> list[str]:
         first, last = g[0], g[-1]
         if first.kind == "object":
             tgt = targets[first.target]
+            ra_text, dec_text = log_coordinates(tgt, opts)
             lines.append(f"{first.number},{last.number},{tgt.name},{first.exptime_s:g},"
-                         f"{tgt.ra_text},{tgt.dec_text}")
+                         f"{ra_text},{dec_text}")
         else:
             name = {"bias": "bias", "flat": "sky flat", "dark": "dark"}[first.kind]
             lines.append(f"{first.number},{last.number},{name},{first.exptime_s:g},,")
@@ -735,7 +763,7 @@ def simulate_night(outdir: str | Path, opts: SimOptions | None = None, *,
     sky = make_sky(opts)
     jobs = build_jobs(opts, sky, plans)
     _write_truth(out, opts, sky, plans, jobs)
-    lines = log_lines(plans)
+    lines = log_lines(plans, opts)
     if opts.log == "start":
         _write_log(raw_dir, opts, lines)
     cosmics: list[tuple[str, int, float, float, float]] = []
@@ -771,7 +799,7 @@ def simulate_night(outdir: str | Path, opts: SimOptions | None = None, *,
             say(f"simulate: exposure {number} written by {len(group)} cameras")
             if opts.log == "growing":
                 done = [p for p in plans if p.number in set(written)]
-                _write_log(raw_dir, opts, log_lines(done))
+                _write_log(raw_dir, opts, log_lines(done, opts))
     Table(rows=cosmics or None, names=("band", "frame", "x", "y", "e"),
           dtype=("U1", "i4", "f8", "f8", "f8")).write(truth_dir / "cosmics.ecsv",
                                                       overwrite=True)
@@ -790,9 +818,12 @@ def _write_truth(out: Path, opts: SimOptions, sky: Sky, plans: list[FramePlan],
     # errors, Gaia-like G, proper motions at epoch 2016.0 (tiny for these faint
     # high-latitude stars), nothing fainter than r = 21.
     rng = _rng(opts, 6)
-    cat = t[t["in_catalog"]]
+    cat = t[t["in_catalog"] & ((t["kind"] != "target") | (opts.catalog_targets != "none"))]
     catalog = Table()
     catalog["id"] = cat["id"]
+    if opts.catalog_targets == "spaced":
+        catalog["id"] = [re.sub(r"^([A-Za-z]+)(\d)", r"\1 \2", str(i)) if k == "target"
+                         else str(i) for i, k in zip(cat["id"], cat["kind"], strict=True)]
     catalog["ra"] = cat["ra"]
     catalog["dec"] = cat["dec"]
     for b in BANDS:
@@ -841,6 +872,8 @@ def _write_truth(out: Path, opts: SimOptions, sky: Sky, plans: list[FramePlan],
         "cameras": {b: asdict(c) for b, c in CAMERAS.items()},
         "targets": [
             {"name": tg.name, "ra_text": tg.ra_text, "dec_text": tg.dec_text,
+             "log_ra_text": log_coordinates(tg, opts)[0],
+             "log_dec_text": log_coordinates(tg, opts)[1],
              "ra_deg": _target_deg(tg)[0], "dec_deg": _target_deg(tg)[1],
              "variable_star": sky.variable_star[tg.name],
              "walk_r_mag": [float(v) for v in sky.target_walk[tg.name]]}
