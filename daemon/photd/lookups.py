@@ -80,6 +80,31 @@ class Lookups:
         """The cone already fetched around a pointing, or None; never asks."""
         return self._cones.get(cone_key(radec))
 
+    def known_cone(self, entry: LogEntry | None) -> Any:
+        """The cone already fetched for a log line's pointing, or None; never asks."""
+        radec = self.known_pointing(entry) if entry is not None else None
+        return None if radec is None else self.cached_stars(radec)
+
+    def cone_at_hand(self, entry: LogEntry | None) -> bool:
+        """Whether a log line's catalog cone is at hand (asking for it if not).
+
+        After a restart the cones are fetched again off the main loop; a light
+        curve derived before its cone arrives would lose its calibrated magnitudes.
+        No line (none left in the logs): derive from what is stored.
+        """
+        if entry is None:
+            return True
+        ready, radec = self.pointing(entry)
+        if not ready:
+            return False
+        return radec is None or self.stars_for(radec)[0]
+
+    def curve_catalog(self, entry: LogEntry | None) -> Any:
+        """The cone a target's light curve is derived with, or None (a relative curve)."""
+        radec = self.known_pointing(entry) if entry is not None else self.any_cone()
+        catalog = None if radec is None else self.cached_stars(radec)
+        return None if isinstance(catalog, BaseException) else catalog
+
     def any_cone(self) -> tuple[float, float] | None:
         """The first pointing a cone was fetched for (a target with no log line left)."""
         return next(iter(self._cones), None)

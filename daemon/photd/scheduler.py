@@ -371,8 +371,9 @@ class Engine:
             rows = [dict(m, calib_version=job.calib_version) for m in result.measurements]
             relative = bool(result.solution and result.solution.get("relative"))
             if relative:
+                ref_no = self.series.registered_to(job.series, result.solution)
                 fields["reason"] = (f"relative_wcs: no catalog covers the field; registered "
-                                    f"to frame {self._reference_number(job, result)}")
+                                    f"to frame {ref_no}")
             with self.store.transaction():
                 self.store.finish_frame(fid, measurements=_known(rows, self.store),
                                         zeropoint=result.zeropoint, solution=result.solution,
@@ -400,49 +401,18 @@ class Engine:
             # masters that changed while the worker had the frame: measure it again
             self._requeue_stale(job.night, band)
 
-    def _reference_number(self, job: ScienceJob, result: FrameResult) -> int | None:
-        """The frame number a relative frame was registered to."""
-        ref = result.solution["header"].get("relative_reference")
-        if ref:
-            return ref.get("frame_number")
-        known = self.series.reference(job.series)
-        return known.frame_number if known is not None else None
-
     # ------------------------------------------------------------------ light curves
     def flush_curves(self, force: bool = False) -> None:
         """Derive the light curves whose measurements changed (see PendingCurves)."""
         if not self.curves:
             return
+        def last_entry(target: str) -> LogEntry | None:  # the last line gives the pointing
+            return (self.logbook.target_entries(target) or [None])[-1]
+
         self.curves.flush(waiting=self.inflight.science_curves() | self.queue.science_curves(),
-                          ready=self._curve_ready, catalog_of=self._curve_catalog, force=force)
-
-    def _curve_ready(self, target: str) -> bool:
-        """Whether the target's catalog cone is at hand (asking for it if not).
-
-        After a restart the cones are fetched again off the main loop; a curve
-        derived before its cone arrives would lose its calibrated magnitudes.
-        """
-        entries = self.logbook.target_entries(target)
-        if not entries:
-            return True  # no log line any more: derive from what is stored
-        ready, radec = self.lookups.pointing(entries[-1])  # the last line gives the pointing
-        if not ready:
-            return False
-        return radec is None or self.lookups.stars_for(radec)[0]
-
-    def _curve_catalog(self, target: str) -> Any:
-        """The target's catalog cone for its light curve, or None (a relative curve)."""
-        entries = self.logbook.target_entries(target)
-        radec = (self.lookups.known_pointing(entries[-1]) if entries
-                 else self.lookups.any_cone())
-        catalog = None if radec is None else self.lookups.cached_stars(radec)
-        return None if isinstance(catalog, BaseException) else catalog
-
-    def _stars_of_first_entry(self, target: str) -> Any:
-        """The cone fetched for the target's first log line, or None."""
-        entries = self.logbook.target_entries(target)
-        radec = self.lookups.known_pointing(entries[0]) if entries else None
-        return None if radec is None else self.lookups.cached_stars(radec)
+                          ready=lambda t: self.lookups.cone_at_hand(last_entry(t)),
+                          catalog_of=lambda t: self.lookups.curve_catalog(last_entry(t)),
+                          force=force)
 
     # ------------------------------------------------------------------ loop helpers
     def rescan(self) -> None:
@@ -461,7 +431,8 @@ class Engine:
         self.logbook.read_all()
         self.release_if_logs_changed()
         self.lookups.prefetch(self.logbook.entries())
-        self.series.catalog_arrived(self._stars_of_first_entry)
+        self.series.catalog_arrived(lambda t: self.lookups.known_cone(
+            (self.logbook.target_entries(t) or [None])[0]))
         for f in self.store.frames(states=["waiting_catalog", "arrived"]):
             self.classify(f["id"])
 

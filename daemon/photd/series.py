@@ -46,6 +46,14 @@ class RelativeSeries:
                 return ref
         return None
 
+    def registered_to(self, series: Series, solution: dict) -> int | None:
+        """The frame number a relative frame's solution was registered to."""
+        ref = solution["header"].get("relative_reference")
+        if ref:
+            return ref.get("frame_number")
+        known = self.reference(series)
+        return known.frame_number if known is not None else None
+
     def frame_done(self, series: Series, fid: int, solution: dict) -> None:
         """A frame of a field without catalog finished: remember its series' reference."""
         self.measured.add(series)
