@@ -38,6 +38,7 @@ from astropy.wcs.utils import fit_wcs_from_points, proj_plane_pixel_scales
 from scipy.spatial import cKDTree
 
 from photd.config import AstrometryConfig
+from photd.errors import FrameStop
 
 __all__ = [
     "BadFit",
@@ -51,7 +52,7 @@ __all__ = [
 ]
 
 
-class BadFit(Exception):
+class BadFit(FrameStop):
     """A frame that cannot (or must not) be solved.
 
     Parameters
@@ -64,10 +65,10 @@ class BadFit(Exception):
         A sentence with the evidence.
     """
 
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
+    state = "badfit"
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.message}"
 
 
 @dataclass

@@ -41,6 +41,7 @@ from scipy import ndimage, special
 
 from .atomic import atomic_write
 from .config import CalibrationConfig, CameraConfig
+from .errors import FrameStop
 
 CALIBRATION_KINDS = ("bias", "dark", "flat")
 
@@ -50,7 +51,7 @@ CALIBRATION_KINDS = ("bias", "dark", "flat")
 _BYTES_PER_STACK_VALUE = 4 * 7
 
 
-class CalibrationError(ValueError):
+class CalibrationError(FrameStop, ValueError):
     """A master cannot be built (no usable frame, shapes disagree ...).
 
     Attributes
@@ -59,11 +60,6 @@ class CalibrationError(ValueError):
         Machine-readable reason (``no_frames``, ``shape_mismatch``,
         ``unreadable``) for the log and the frame state.
     """
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
 
 
 @dataclass(frozen=True)

@@ -139,7 +139,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                         frames=args.frames)
     cfg = _config(args)
     if args.command == "run":
-        from photd.scheduler import run_daemon
+        from photd.service import run_daemon
 
         if not cfg.paths.watch:
             print("photd: nothing to watch: give --watch DIR or paths.watch in the "

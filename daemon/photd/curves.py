@@ -9,9 +9,12 @@ plot`` afterwards, with the same code.
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from astropy.io import fits
 from astropy.table import Table
 
 from photd.config import Config
@@ -91,8 +94,6 @@ def derive(store: Store, catalog: Table | None, target: str, band: str,
     again) are left out; a field without catalog uses the frames registered to
     its current reference frame.
     """
-    import numpy as np
-
     table = measurement_table(store, target, band)
     if table is None:
         return None
@@ -129,8 +130,6 @@ def derive(store: Store, catalog: Table | None, target: str, band: str,
 
 def target_position(store: Store, target: str) -> tuple[float, float] | None:
     """The pointing the log gave for a target, read back from a processed frame."""
-    from astropy.io import fits
-
     for f in store.frames(states=["done"]):
         if f["target"] == target and f["output"]:
             try:
@@ -139,3 +138,80 @@ def target_position(store: Store, target: str) -> tuple[float, float] | None:
             except (OSError, KeyError, ValueError):
                 continue
     return None
+
+
+class PendingCurves:
+    """Light curves to derive again, and the "frame done" events that wait for them.
+
+    A series with nothing more queued or running is derived at once (the
+    live case: one frame at a time). A backlog of the same series (a
+    restart, a copied night) is derived at most every ``interval_s``, since
+    each derivation reads the whole night back: one per frame made a night's
+    backlog quadratic.
+    """
+
+    def __init__(self, store: Store, cfg: Config, log: Any) -> None:
+        self.store = store
+        self.cfg = cfg
+        self.log = log
+        # (target, band) -> the "frame done" events waiting for the curve
+        self.pending: dict[tuple[str, str], list[dict]] = {}
+        # when each was last derived (time.monotonic())
+        self.derived_at: dict[tuple[str, str], float] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.pending)
+
+    def add(self, target: str, band: str, event: dict | None = None) -> None:
+        """The curve must be derived again; ``event`` is logged once it is."""
+        events = self.pending.setdefault((target, band), [])
+        if event is not None:
+            events.append(event)
+
+    def flush(self, *, waiting: set[tuple[str, str]], ready: Callable[[str], bool],
+              catalog_of: Callable[[str], Table | None], force: bool = False) -> None:
+        """Derive the pending curves that are due.
+
+        ``waiting``: (target, band) with frames still queued or running;
+        ``ready(target)``: whether its catalog cone is at hand; ``catalog_of(target)``:
+        that cone (None: derive a relative curve); ``force``: stopping, derive all.
+        """
+        for key in list(self.pending):
+            last = self.derived_at.get(key)
+            if (not force and key in waiting and last is not None
+                    and time.monotonic() - last < self.cfg.daemon.lightcurve_interval_s):
+                continue
+            if not ready(key[0]):
+                if force:  # stopping: the stale mark in the store carries it to the next start
+                    self.pending.pop(key)
+                continue
+            events = self.pending.pop(key)
+            try:
+                with self.store.transaction():
+                    self._derive(*key, catalog_of(key[0]))
+            except Exception as exc:  # keep the daemon (and the mark) alive; say which curve
+                self.log.error("light curve not derived", stage="lightcurve", target=key[0],
+                               band=key[1], reason=type(exc).__name__, error=str(exc),
+                               frames=[ev["frame"] for ev in events])
+                continue
+            self.derived_at[key] = time.monotonic()
+            for ev in events:
+                closed_at = ev.pop("closed_at")
+                self.log.info("frame done", stage="store", **ev,
+                              latency_s=round(time.time() - closed_at, 3))
+
+    def _derive(self, target: str, band: str, catalog: Table | None) -> None:
+        """Re-derive the target's whole differential curve from the stored measurements.
+
+        Revising the comparison ensemble as the night goes on re-derives every
+        earlier point with it, so the curve never mixes ensembles. No catalog:
+        a field measured in a relative WCS still has a differential curve.
+        """
+        got = derive(self.store, catalog, target, band, self.cfg)
+        if got is None:
+            return
+        rows, info = got
+        for sid, why in info.rejected.items():
+            self.log.info("comparison star dropped", stage="lightcurve", target=target,
+                          band=band, star=sid, reason=why)
+        self.store.replace_lightcurve(target, band, rows, info.ensemble_version)

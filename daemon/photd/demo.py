@@ -14,7 +14,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
+from photd import reports
+from photd.config import Config, load_config
 from photd.simulate import TARGETS, SimOptions, load_truth, simulate_night
+from photd.store import Store
+from photd.workdir import store_path
 
 ARRIVAL_S = 0.4
 
@@ -89,15 +95,9 @@ def run_demo(directory: str | None = None, *, small: bool = True, seed: int = 1,
     return _summary(root, cfg)
 
 
-def _compare_with_truth(root: Path, cfg: Path, truth, target: str) -> None:
+def _compare_with_truth(cfg: Config, truth, target: str) -> None:
     """How far the measured calibrated magnitudes are from the simulator's truth."""
-    import numpy as np
-
-    from photd.config import load_config
-    from photd.scheduler import store_path
-    from photd.store import Store
-
-    store = Store.open_readonly(store_path(load_config(cfg).work_dir))
+    store = Store.open_readonly(store_path(cfg.work_dir))
     with store:
         rows = store.lightcurve(target)
     fs = truth.frame_stars
@@ -118,19 +118,19 @@ def _compare_with_truth(root: Path, cfg: Path, truth, target: str) -> None:
                   f"{np.median(errs):>12.4f}")
 
 
-def _summary(root: Path, cfg: Path) -> int:
-    from photd.cli import main as photd
-
-    photd(["status", "--config", str(cfg)])
+def _summary(root: Path, cfg_path: Path) -> int:
+    """What ``photd status``, ``tail``, ``plot`` and ``export`` print for the night."""
+    cfg = load_config(cfg_path)
+    reports.status(cfg)
     truth = load_truth(root)
     target = TARGETS[1].name
     print(f"\n{target} (r band): differential light curve vs. the simulator's truth")
-    photd(["tail", target, "--band", "r", "--config", str(cfg), "-n", "40"])
-    _compare_with_truth(root, cfg, truth, target)
+    reports.tail(cfg, target, band="r", n=40)
+    _compare_with_truth(cfg, truth, target)
     plot = root / f"{target}.png"
-    photd(["plot", target, "--config", str(cfg), "-o", str(plot)])
+    reports.plot(cfg, target, output=str(plot))
     csv = root / f"{target}_r.csv"
-    photd(["export", target, "--band", "r", "--config", str(cfg), "-o", str(csv)])
+    reports.export(cfg, target, band="r", output=str(csv))
     print(f"\nphotd demo: light-curve plot {plot}")
     print(f"photd demo: CSV export {csv}")
     print(f"photd demo: truth for comparison in {truth.root / 'truth'}")

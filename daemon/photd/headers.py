@@ -42,6 +42,7 @@ from astropy.utils import iers
 from photd import __version__
 from photd.atomic import atomic_write
 from photd.config import BANDS, Config, SiteConfig
+from photd.errors import FrameStop
 from photd.obslog import LogEntry
 
 __all__ = [
@@ -74,7 +75,7 @@ _CAMERA_WCS = re.compile(
 )
 
 
-class HeaderError(ValueError):
+class HeaderError(FrameStop, ValueError):
     """A header cannot be built for this frame.
 
     Attributes
@@ -83,10 +84,6 @@ class HeaderError(ValueError):
         Machine-readable reason (``no_obs_time``, ``no_image``,
         ``structure_mismatch``) for the frame's state.
     """
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 # --------------------------------------------------------------------------- text

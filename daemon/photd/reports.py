@@ -12,8 +12,8 @@ from pathlib import Path
 
 from photd.config import Config
 from photd.obslog import slug
-from photd.scheduler import pause_marker, store_path
 from photd.store import Store
+from photd.workdir import pause_marker, store_path
 
 
 def _open(cfg: Config) -> Store | None:
