@@ -208,13 +208,7 @@ def measure_frame(
         Optimal aperture, aperture correction, sky, centroid offset.
     """
     cfg = cfg or PhotometryConfig()
-    data = np.asarray(data_e, dtype=float)
-    # A float32 frame (what the pipeline passes) is converted into a new array that
-    # this function may then clean in place instead of copying 70 MB twice more.
-    owned = isinstance(data_e, np.ndarray) and not np.may_share_memory(data, data_e)
-    data32 = data_e if owned and data_e.dtype == np.float32 else None
-    bad = np.zeros(data.shape, bool) if mask is None else np.asarray(mask, bool).copy()
-    bad |= ~np.isfinite(data)
+    data, data32, owned, bad = _working_frame(data_e, mask)
     if not (float(fwhm_px) > 0):
         raise ValueError(f"fwhm_px must be positive, got {fwhm_px!r}")
     fwhm_px = float(fwhm_px)
@@ -296,6 +290,20 @@ class GrowthCurve(NamedTuple):
     apcorr_err_mag: float
     apcorr_scatter_mag: float
     pixel_phase_mag: float
+
+
+def _working_frame(data_e: np.ndarray, mask: np.ndarray | None,
+                   ) -> tuple[np.ndarray, np.ndarray | None, bool, np.ndarray]:
+    """(frame as float64, the float32 frame it was converted from or None, whether
+    the float64 frame is this call's own array, mask of unusable pixels)."""
+    data = np.asarray(data_e, dtype=float)
+    # A float32 frame (what the pipeline passes) is converted into a new array that
+    # measure_frame may then clean in place instead of copying 70 MB twice more.
+    owned = isinstance(data_e, np.ndarray) and not np.may_share_memory(data, data_e)
+    data32 = data_e if owned and data_e.dtype == np.float32 else None
+    bad = np.zeros(data.shape, bool) if mask is None else np.asarray(mask, bool).copy()
+    bad |= ~np.isfinite(data)
+    return data, data32, owned, bad
 
 
 def _wcs_positions(stars: Table, wcs: WCS, target_radec: tuple[float, float] | None,
