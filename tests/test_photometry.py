@@ -15,6 +15,8 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
+from photd import cosmics
+from photd.config import PhotometryConfig
 from photd.photometry import (
     COLUMNS,
     COSMIC,
@@ -278,11 +280,56 @@ def test_cosmic_ray_on_a_bright_core_is_flagged_and_repaired(night):
     energy = 0.2 * (data_e[py, px] - clean_tab["sky_e_per_px"][k])  # 20 % of the star there
     hit[py, px] += energy
     assert energy > 2.5 * clean_tab["flux_err_e"][k]  # would bias the flux by > 2.5 sigma
-    from photd.config import PhotometryConfig
-
     blind, _ = measure(root, truth, f, hit, mask,
                        cfg=PhotometryConfig(cosmic_mirror_tolerance=1e9))
     assert not blind["flags"][k] & COSMIC  # the neighbours test alone misses it
     got, _ = measure(root, truth, f, hit, mask)
     assert got["flags"][k] & COSMIC
     assert abs(got["flux_e"][k] - clean_tab["flux_e"][k]) < clean_tab["flux_err_e"][k]
+
+
+def _gaussian_star(peak_e: float, fwhm_px: float, x: float, y: float,
+                   shape: tuple[int, int] = (41, 41), sky_e: float = 100.0) -> np.ndarray:
+    """A noiseless Gaussian star on a flat sky, sampled at the pixel centres."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    sigma = fwhm_px / 2.3548200450309493
+    return sky_e + peak_e * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * sigma**2))
+
+
+def test_a_spike_on_the_sky_is_replaced_by_its_neighbours_and_a_star_peak_is_not_a_hit():
+    img = _gaussian_star(5000.0, 4.0, 20.0, 20.0)
+    img[5, 30] += 2000.0  # 40 sigma above a 100 e- sky with 5 e- read noise
+    hits, clean, _ratio = cosmics.find_hits(img, np.zeros(img.shape, bool), 5.0,
+                                            np.array([20.0]), np.array([20.0]), 4.0,
+                                            PhotometryConfig())
+    assert list(zip(*np.nonzero(hits), strict=True)) == [(5, 30)]
+    assert clean[5, 30] == 100.0  # the 8 neighbours are flat sky
+    others = np.ones(img.shape, bool)
+    others[5, 30] = False
+    assert np.array_equal(clean[others], img[others])  # the star's peak is untouched
+
+
+def test_a_hit_on_a_bright_core_is_found_by_its_mirror_image_and_repaired_from_it():
+    # On a star centred on a pixel the mirror of (x + 1, y) is the pixel (x - 1, y):
+    # a clean core matches its mirror exactly, so only the hit stands out.
+    star = _gaussian_star(20000.0, 4.0, 20.0, 20.0)
+    img = star.copy()
+    img[20, 21] += 6000.0  # above 5 sigma (~900 e-) plus 0.1 of the star's height (~1700 e-)
+    cfg = PhotometryConfig()
+    rows, cols = cosmics.bright_core_hits(img, np.zeros(img.shape, bool), np.array([20.0]),
+                                          np.array([20.0]), np.array([100.0]),
+                                          np.array([True]), 9.0, np.array([100.0]), 5.0, 4.0,
+                                          cfg)
+    assert list(zip(rows, cols, strict=True)) == [(20, 21)]
+    hits = np.zeros(img.shape, bool)
+    hits[rows, cols] = True
+    repaired = cosmics.mirror_repair(img, img, hits, np.zeros(img.shape, bool),
+                                     np.array([20.0]), np.array([20.0]), 9.0)
+    assert repaired[20, 21] == pytest.approx(star[20, 21], rel=1e-12)
+    # too faint, or without a trustworthy centre: no mirror test
+    for snr, centred in ((20.0, True), (100.0, False)):
+        rows, _ = cosmics.bright_core_hits(img, np.zeros(img.shape, bool), np.array([20.0]),
+                                           np.array([20.0]), np.array([snr]),
+                                           np.array([centred]), 9.0, np.array([100.0]), 5.0,
+                                           4.0, cfg)
+        assert len(rows) == 0

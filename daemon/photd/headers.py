@@ -313,7 +313,6 @@ def build_header(
         del hdr[key]
     if binning is None:
         binning = binning_from(raw_header, cfg.detector.binning_keys)
-    site = cfg.site
     is_object = entry.kind == "object"
 
     start = obs_start(raw_header)
@@ -324,6 +323,19 @@ def build_header(
     if is_object and (hdr.get("NAXIS", 0) < 2 or "NAXIS1" not in hdr or "NAXIS2" not in hdr):
         raise HeaderError("no_image", "primary HDU holds no 2-D image")
 
+    _write_site_and_kind(hdr, raw_header, entry, band, cfg.site)
+    _write_exposure(hdr, raw_header, entry.exptime_s)
+    mid = _write_times(hdr, start, entry.exptime_s)
+    if entry.has_coordinates:
+        _write_pointing(hdr, entry, cfg, binning, mid, is_object=is_object)
+    _write_provenance(hdr, entry, cfg.detector.frame_number_key, frame_number,
+                      gain_e_per_adu, rdnoise_e, history)
+    return hdr
+
+
+def _write_site_and_kind(hdr: fits.Header, raw_header: fits.Header, entry: LogEntry,
+                         band: str | None, site: SiteConfig) -> None:
+    """Observatory, object, frame kind and band; a different camera FILTER is kept."""
     hdr["OBSERVAT"] = (fits_safe(site.name), "observatory")
     hdr["LATITUDE"] = (_sexagesimal(site.latitude_deg, sign=True), "site latitude [deg]")
     hdr["LONGITUD"] = (_sexagesimal(site.longitude_deg), "site longitude, east positive [deg]")
@@ -338,13 +350,15 @@ def build_header(
             hdr["CAMFILT"] = (camera_filter, "FILTER as written by the camera")
         hdr["FILTER"] = (band, "band")
 
+
+def _write_exposure(hdr: fits.Header, raw_header: fits.Header, exptime_s: float) -> None:
+    """EXPTIME from the log; a different camera value is kept as CAMEXPT."""
     camera_exptime = None
     for key in ("EXPTIME", "EXPOSURE"):
         value = raw_header.get(key)
         if isinstance(value, int | float) and not isinstance(value, bool):
             camera_exptime = float(value)
             break
-    exptime_s = entry.exptime_s
     if camera_exptime is not None and not math.isclose(
         camera_exptime, exptime_s, rel_tol=1e-6, abs_tol=1e-3
     ):
@@ -353,39 +367,52 @@ def build_header(
             hdr["EXPOSURE"] = (exptime_s, "[s] exposure time from the observing log")
     hdr["EXPTIME"] = (exptime_s, "[s] exposure time from the observing log")
 
-    mid = None
-    if start is not None:
-        mid = start + exptime_s / 2.0 * u.s
-        hdr["TIMESYS"] = ("UTC", "time scale of DATE-OBS etc.")
-        hdr["DATE-OBS"] = (start.isot, "start of exposure (UTC)")
-        hdr["TIME-OBS"] = (start.isot.split("T")[1], "start of exposure (UTC)")
-        hdr["MJD-OBS"] = (round(start.mjd, 8), "[d] MJD at start of exposure (UTC)")
-        hdr["DATE-AVG"] = (mid.isot, "mid-exposure (UTC)")
-        hdr["MJD-AVG"] = (round(mid.mjd, 8), "[d] MJD at mid-exposure (UTC)")
 
-    if entry.has_coordinates:
-        assert entry.ra_deg is not None and entry.dec_deg is not None
-        hdr["RADESYS"] = ("ICRS", "reference frame of RA/DEC")
-        hdr["EQUINOX"] = (2000.0, "equinox of RA/DEC")
-        hdr["RA"] = (_sexagesimal(entry.ra_deg, hours=True, precision=2), "pointing (hh:mm:ss)")
-        hdr["DEC"] = (
-            _sexagesimal(entry.dec_deg, sign=True, precision=1),
-            "pointing (dd:mm:ss)",
-        )
-        if is_object:
-            _write_wcs(hdr, entry.ra_deg, entry.dec_deg, cfg, binning)
-            if mid is not None:
-                x = airmass(entry.ra_deg, entry.dec_deg, mid, site)
-                if x is not None:
-                    hdr["AIRMASS"] = (round(x, 4), "at mid-exposure (Pickering 2002)")
+def _write_times(hdr: fits.Header, start: Time | None, exptime_s: float) -> Time | None:
+    """Start and mid-exposure (UTC); returns the mid-exposure time (None without a start)."""
+    if start is None:
+        return None
+    mid = start + exptime_s / 2.0 * u.s
+    hdr["TIMESYS"] = ("UTC", "time scale of DATE-OBS etc.")
+    hdr["DATE-OBS"] = (start.isot, "start of exposure (UTC)")
+    hdr["TIME-OBS"] = (start.isot.split("T")[1], "start of exposure (UTC)")
+    hdr["MJD-OBS"] = (round(start.mjd, 8), "[d] MJD at start of exposure (UTC)")
+    hdr["DATE-AVG"] = (mid.isot, "mid-exposure (UTC)")
+    hdr["MJD-AVG"] = (round(mid.mjd, 8), "[d] MJD at mid-exposure (UTC)")
+    return mid
 
+
+def _write_pointing(hdr: fits.Header, entry: LogEntry, cfg: Config, binning: int,
+                    mid: Time | None, *, is_object: bool) -> None:
+    """RA/DEC of the log's pointing; an object frame also gets the first-guess WCS and
+    the airmass at mid-exposure."""
+    assert entry.ra_deg is not None and entry.dec_deg is not None
+    hdr["RADESYS"] = ("ICRS", "reference frame of RA/DEC")
+    hdr["EQUINOX"] = (2000.0, "equinox of RA/DEC")
+    hdr["RA"] = (_sexagesimal(entry.ra_deg, hours=True, precision=2), "pointing (hh:mm:ss)")
+    hdr["DEC"] = (
+        _sexagesimal(entry.dec_deg, sign=True, precision=1),
+        "pointing (dd:mm:ss)",
+    )
+    if is_object:
+        _write_wcs(hdr, entry.ra_deg, entry.dec_deg, cfg, binning)
+        if mid is not None:
+            x = airmass(entry.ra_deg, entry.dec_deg, mid, cfg.site)
+            if x is not None:
+                hdr["AIRMASS"] = (round(x, 4), "at mid-exposure (Pickering 2002)")
+
+
+def _write_provenance(hdr: fits.Header, entry: LogEntry, frame_number_key: str,
+                      frame_number: int, gain_e_per_adu: float | None, rdnoise_e: float | None,
+                      history: Iterable[str]) -> None:
+    """Gain, read noise, frame number (unless the camera wrote it), the log line and
+    the HISTORY of the processing."""
     if gain_e_per_adu is not None:
         hdr["GAIN"] = (float(gain_e_per_adu), "[e-/ADU] gain")
     if rdnoise_e is not None:
         hdr["RDNOISE"] = (float(rdnoise_e), "[e-] read noise")
-    key = cfg.detector.frame_number_key
-    if key not in hdr:
-        hdr[key] = (int(frame_number), "frame number (from the file name)")
+    if frame_number_key not in hdr:
+        hdr[frame_number_key] = (int(frame_number), "frame number (from the file name)")
     hdr["OBSLOG"] = (fits_safe(Path(entry.source).name), "observing log file")
     hdr["OBSLOGLN"] = (entry.line_no, "line of the observing log")
     hdr["HISTORY"] = (
@@ -394,7 +421,6 @@ def build_header(
     )
     for step in history:
         hdr["HISTORY"] = f"photd {__version__}: {fits_safe(step, max_len=1000)}"
-    return hdr
 
 
 def _write_wcs(hdr: fits.Header, ra_deg: float, dec_deg: float, cfg: Config, binning: int) -> None:

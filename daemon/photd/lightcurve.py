@@ -401,6 +401,55 @@ def derive_lightcurve(
         c, _c_err, n_c = fit_colour_term(measurements, catalog, band, exclude=(tid,))
         colour_term = c if n_c >= 10 else 0.0
     c = float(colour_term)
+    stars = _star_matrices(measurements, tid, look, c)
+    nf = len(stars.frames)
+
+    info = EnsembleInfo(colour_term=c)
+    chosen = _choose_comparisons(stars, target, band, cfg, info, relative=relative)
+    info.comparison_ids = sorted(chosen)
+    info.ensemble_version = ensemble_version(chosen)
+    rows_idx = [stars.index[s] for s in chosen]
+    Ec = stars.err[rows_idx] if rows_idx else np.zeros((0, nf))
+    Mc = stars.mag[rows_idx] if rows_idx else np.zeros((0, nf))
+    # Nightly weights (fixed, so a missing star does not re-weight the others),
+    # and each star's own level, so a missing star does not shift the ensemble.
+    w = _weights(Ec)
+    level = _levels(Mc, Ec, w)
+    ens, ens_err, n_in = _ensemble(Mc, Ec, w, level)
+    info.ensemble_mag = float((w * stars.cat_mag[rows_idx]).sum() / w.sum()) if w.sum() > 0 \
+        else float("nan")
+    mjds = _frame_column(measurements, "mjd", stars.frame_index, nf)
+    info.curves = _comparison_curves(stars, chosen, w, mjds)
+
+    # The target, frame by frame, in the comparisons' mean colour when its own is unknown.
+    t_col = look.get(tid, (np.nan,) * 3)[2]
+    known = stars.colours[rows_idx][np.isfinite(stars.colours[rows_idx])]
+    t_col = t_col if np.isfinite(t_col) else (float(known.mean()) if len(known) else 0.0)
+    rows = _target_rows(measurements, stars, c * t_col, ens, ens_err, n_in, info,
+                        target=target, band=band, cfg=cfg, relative=relative)
+    return rows, info
+
+
+@dataclass(frozen=True)
+class _StarMatrices:
+    """Every star but the target as (star, frame) matrices, frames in order."""
+
+    frames: np.ndarray  # frame numbers, sorted
+    frame_index: dict[int, int]  # frame number -> column
+    ids: list[str]  # star ids, sorted: the rows
+    index: dict[str, int]  # star id -> row
+    mag: np.ndarray  # colour-corrected instrumental mag; NaN: no usable measurement
+    err: np.ndarray  # its error (mag)
+    flags: np.ndarray  # photometry flags; -1: no row on that frame
+    dist_px: np.ndarray  # distance to the target on the first frame it was usable
+    colours: np.ndarray  # catalog colour; NaN: unknown
+    cat_mag: np.ndarray  # catalog magnitude in the band; NaN: unknown
+    target_rows: dict[int, int]  # column -> the target's row in the measurements
+
+
+def _star_matrices(measurements: Table, tid: str, look: dict[str, tuple[float, float, float]],
+                   colour_term: float) -> _StarMatrices:
+    """The measurements of one target and band as :class:`_StarMatrices`."""
     frames = np.unique(np.asarray(measurements["frame"]))
     frames.sort()
     fidx = {int(f): k for k, f in enumerate(frames)}
@@ -409,7 +458,6 @@ def derive_lightcurve(
     fr_all = np.array([fidx[int(f)] for f in measurements["frame"]])
     usable = _usable(measurements)
 
-    # Matrices (star, frame) of colour-corrected instrumental mags and errors.
     star_list = sorted(set(ids_all) - {tid})
     sidx = {s: k for k, s in enumerate(star_list)}
     M = np.full((len(star_list), nf), np.nan)
@@ -429,39 +477,43 @@ def derive_lightcurve(
                                        float(measurements["y_px"][k]) - tx[fr][1])
     colours = np.array([look.get(s, (np.nan,) * 3)[2] for s in star_list])
     cat_mag = np.array([look.get(s, (np.nan,) * 3)[0] for s in star_list])
-    M = M - c * np.nan_to_num(colours)[:, None]
+    M = M - colour_term * np.nan_to_num(colours)[:, None]
+    target_rows = {fr_all[k]: k for k in np.flatnonzero(ids_all == tid)}
+    return _StarMatrices(frames, fidx, star_list, sidx, M, E, F, dist, colours, cat_mag,
+                         target_rows)
 
-    info = EnsembleInfo(colour_term=c)
+
+def _choose_comparisons(stars: _StarMatrices, target: str, band: str, cfg: PhotometryConfig,
+                        info: EnsembleInfo, *, relative: bool) -> list[str]:
+    """The comparison ensemble: the configured list of this target, else the nearest
+    fit candidates without the variable ones, at most ``max_comparison_stars``.
+    Every star left out gets its reason in ``info``."""
     fixed = tuple(cfg.comparison_stars.get(target, ()))
     if fixed:
         info.fixed = True
-        chosen = [s for s in fixed if s in sidx and np.isfinite(M[sidx[s]]).any()]
+        chosen = [s for s in fixed
+                  if s in stars.index and np.isfinite(stars.mag[stars.index[s]]).any()]
         for s in fixed:
             if s not in chosen:
                 info.rejected[s] = "not measured on any frame"
-    else:
-        chosen = _candidates(M, E, F, cat_mag, colours, dist, star_list, band, cfg, info,
-                             need_catalog=not relative)
-        chosen = _reject_variables(M, E, chosen, sidx, cfg, info)
-        for s in chosen[cfg.max_comparison_stars:]:
-            info.excluded[s] = f"a spare: the {cfg.max_comparison_stars} nearer ones suffice"
-        chosen = chosen[: cfg.max_comparison_stars]
-    info.comparison_ids = sorted(chosen)
-    info.ensemble_version = ensemble_version(chosen)
-    rows_idx = [sidx[s] for s in chosen]
-    Ec = E[rows_idx] if rows_idx else np.zeros((0, nf))
-    Mc = M[rows_idx] if rows_idx else np.zeros((0, nf))
-    # Nightly weights (fixed, so a missing star does not re-weight the others),
-    # and each star's own level, so a missing star does not shift the ensemble.
-    w = _weights(Ec)
-    level = _levels(Mc, Ec, w)
-    ens, ens_err, n_in = _ensemble(Mc, Ec, w, level)
-    info.ensemble_mag = float((w * cat_mag[rows_idx]).sum() / w.sum()) if w.sum() > 0 \
-        else float("nan")
-    mjds = _frame_column(measurements, "mjd", fidx, nf)
+        return chosen
+    chosen = _candidates(stars.mag, stars.err, stars.flags, stars.cat_mag, stars.colours,
+                         stars.dist_px, stars.ids, band, cfg, info, need_catalog=not relative)
+    chosen = _reject_variables(stars.mag, stars.err, chosen, stars.index, cfg, info)
+    for s in chosen[cfg.max_comparison_stars:]:
+        info.excluded[s] = f"a spare: the {cfg.max_comparison_stars} nearer ones suffice"
+    return chosen[: cfg.max_comparison_stars]
+
+
+def _comparison_curves(stars: _StarMatrices, chosen: list[str], w: np.ndarray,
+                       mjds: list[float]) -> dict[str, list[tuple[float, float, float]]]:
+    """Each comparison against the ensemble of the others, mean removed (for the plot):
+    star id -> [(mjd, delta_mag, err)]."""
+    M, E = stars.mag, stars.err
+    curves = {}
     for s in chosen:
-        k = sidx[s]
-        others = [sidx[o] for o in chosen if o != s]
+        k = stars.index[s]
+        others = [stars.index[o] for o in chosen if o != s]
         if not others:
             continue
         w_o = np.array([w[chosen.index(o)] for o in chosen if o != s])
@@ -471,25 +523,32 @@ def derive_lightcurve(
             continue  # never on a frame with the others (a fixed list, the first frames)
         d = d - np.nanmean(d)
         err = np.hypot(E[k], ee_o)
-        info.curves[s] = [(float(mjds[f]), float(d[f]), float(err[f]))
-                          for f in range(nf) if np.isfinite(d[f])]
+        curves[s] = [(float(mjds[f]), float(d[f]), float(err[f]))
+                     for f in range(len(d)) if np.isfinite(d[f])]
+    return curves
 
-    # The target, frame by frame.
-    t_rows = {fr_all[k]: k for k in np.flatnonzero(ids_all == tid)}
-    t_col = look.get(tid, (np.nan,) * 3)[2]
-    known = colours[rows_idx][np.isfinite(colours[rows_idx])]
-    t_col = t_col if np.isfinite(t_col) else (float(known.mean()) if len(known) else 0.0)
-    meta = {name: _frame_column(measurements, name, fidx, nf)
+
+def _target_rows(measurements: Table, stars: _StarMatrices, colour_corr_mag: float,
+                 ens: np.ndarray, ens_err: np.ndarray, n_in: np.ndarray, info: EnsembleInfo,
+                 *, target: str, band: str, cfg: PhotometryConfig,
+                 relative: bool) -> list[dict]:
+    """The rows of :func:`derive_lightcurve`: the target minus the ensemble, per frame.
+
+    ``colour_corr_mag`` (colour term times the target's colour) is subtracted
+    from the target's instrumental magnitude, as from every comparison's.
+    """
+    nf = len(stars.frames)
+    meta = {name: _frame_column(measurements, name, stars.frame_index, nf)
             for name in ("mjd", "bjd_tdb", "airmass", "fwhm_arcsec")}
     rows: list[dict] = []
     comp_text = ";".join(info.comparison_ids)
     for fr in range(nf):
-        k = t_rows.get(fr)
+        k = stars.target_rows.get(fr)
         flags = int(measurements["flags"][k]) if k is not None else 0
         if k is None:
             mag_t, err_t, ap = np.nan, np.nan, np.nan
         else:
-            mag_t = float(measurements["mag_inst"][k]) - c * t_col
+            mag_t = float(measurements["mag_inst"][k]) - colour_corr_mag
             err_t = float(measurements["mag_inst_err"][k])
             ap = float(measurements["aperture_px"][k])
         if n_in[fr] < cfg.comparison_min_stars:
@@ -497,7 +556,7 @@ def derive_lightcurve(
         diff = mag_t - ens[fr]
         diff_err = math.hypot(err_t, ens_err[fr]) if np.isfinite(ens_err[fr]) else np.nan
         rows.append({
-            "frame": int(frames[fr]), "target": target, "band": band,
+            "frame": int(stars.frames[fr]), "target": target, "band": band,
             "mjd": meta["mjd"][fr], "bjd_tdb": meta["bjd_tdb"][fr],
             "mag": float(diff + info.ensemble_mag),
             "mag_err": float("nan") if relative else float(diff_err),
@@ -507,7 +566,7 @@ def derive_lightcurve(
             "ensemble_version": info.ensemble_version, "comparison_ids": comp_text,
             "n_comparisons": int(n_in[fr]),
         })
-    return rows, info
+    return rows
 
 
 def _frame_column(meas: Table, name: str, fidx: dict[int, int], nf: int) -> list[float]:

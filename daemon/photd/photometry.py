@@ -7,20 +7,29 @@ database or clock. The steps, in order (see :func:`measure_frame`):
    (Gaussian-weighted, SExtractor ``XWIN``-like) centroid for stars bright
    enough to centroid well; fainter stars are measured at the WCS position
    shifted by the frame's median centroid offset (forced photometry), because
-   a noisy centroid biases a small aperture's flux low;
-2. cosmic rays: a one-pass L.A.Cosmic-like test finds hits; a hit pixel is
-   replaced by the median of its neighbours and every star whose aperture
-   holds one is flagged ``COSMIC`` (never silently biased);
+   a noisy centroid biases a small aperture's flux low
+   (:func:`_wcs_positions`, then :func:`_centroided_positions` with a
+   first-pass sky and S/N from :func:`_annulus_skies` and :func:`_rough_flux`);
+2. cosmic rays (:mod:`photd.cosmics`): a one-pass L.A.Cosmic-like test finds
+   hits before any centroid, a point-mirror test those on bright cores after;
+   a hit pixel is replaced by the median of its neighbours (near a core by its
+   mirror image) and every star whose aperture holds one is flagged
+   ``COSMIC`` (never silently biased);
 3. local sky: sigma-clipped mean of an annulus (``annulus_*_fwhm``) with the
-   cores of known neighbours masked;
+   cores of known neighbours masked, at the final positions
+   (:func:`_final_sky`), and the noise of a pixel and of the sky estimate
+   (:func:`_noise_variances`);
 4. curve of growth of bright, isolated, unsaturated stars out to
    ``growth_radius_fwhm``: the normalised growth curve gives the optimal
    aperture (maximum S/N for a sky-limited star, about 0.7 FWHM) and the
-   aperture correction from it to the large radius, with its uncertainty;
+   aperture correction from it to the large radius, with its uncertainty
+   (:func:`_growth_stars`, :func:`_curve_of_growth`);
 5. fluxes at the optimal aperture, aperture-corrected, with errors from the
    CCD equation (source, sky, read noise, dark, digitisation) plus the error
    of the sky estimate and the star-to-star scatter of the aperture
-   correction.
+   correction (:func:`_aperture_fluxes`);
+6. flags of each aperture (:func:`_aperture_flags`: neighbour, edge,
+   saturated, cosmic, non-positive flux) and instrumental magnitudes.
 
 Units: the frame is in electrons (bias-subtracted, flat-fielded, times the
 gain); ``gain_e_per_adu`` only enters the digitisation-noise term.
@@ -30,6 +39,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from astropy.stats import sigma_clip
@@ -37,7 +47,9 @@ from astropy.table import Table
 from astropy.wcs import WCS
 from photutils.aperture import CircularAperture
 
+from photd import cosmics
 from photd.config import PhotometryConfig
+from photd.cosmics import pixel_box
 
 # Bit flags of a measurement (combine with |; 0 = clean).
 EDGE = 1  # the aperture crosses the frame edge
@@ -61,6 +73,9 @@ COLUMNS = ("star_id", "x_px", "y_px", "flux_e", "flux_err_e", "mag_inst", "mag_i
 _MAG = 2.5 / math.log(10.0)  # 1.0857: d(mag) = _MAG * d(flux) / flux
 _MAD_TO_STD = 1.482602218505602  # astropy.stats.mad_std: 1 / Phi^-1(3/4)
 _TARGET_MATCH_ARCSEC = 2.0  # a catalog star this close to the target IS the target
+# A star whose final position is within this many FWHM of its first-pass one
+# keeps its first-pass sky.
+_SKY_REUSE_FWHM = 0.05
 
 
 def flag_names(flags: int) -> list[str]:
@@ -193,18 +208,114 @@ def measure_frame(
         Optimal aperture, aperture correction, sky, centroid offset.
     """
     cfg = cfg or PhotometryConfig()
+    data, data32, owned, bad = _working_frame(data_e, mask)
+    if not (float(fwhm_px) > 0):
+        raise ValueError(f"fwhm_px must be positive, got {fwhm_px!r}")
+    fwhm_px = float(fwhm_px)
+    annulus_px = (cfg.annulus_inner_fwhm * fwhm_px, cfg.annulus_outer_fwhm * fwhm_px)
+    growth_radius_px = cfg.growth_radius_fwhm * fwhm_px
+
+    # 1. where the WCS puts the stars (the target first)
+    ids, x_wcs_px, y_wcs_px, target_off_frame = _wcs_positions(
+        stars, wcs, target_radec, target_name, data.shape)
+    # 2. cosmic rays, the spike test: found and replaced in ``clean`` before any centroid
+    cr_mask, clean, _ratio = cosmics.find_hits(data, bad, rdnoise_e, x_wcs_px, y_wcs_px, fwhm_px,
+                                               cfg, inplace=owned, data32=data32)
+    bad_cr = bad | cr_mask
+    # 1. (continued) first-pass sky and S/N, centroids of the stars bright enough
+    sky0 = _annulus_skies(clean, bad_cr, x_wcs_px, y_wcs_px, np.arange(len(ids)), annulus_px,
+                          fwhm_px, cfg.sky_clip_sigma)
+    flux0_e, snr0 = _rough_flux(clean, bad, x_wcs_px, y_wcs_px, sky0, fwhm_px)
+    x_px, y_px, dx_px, dy_px, flags = _centroided_positions(clean, bad, x_wcs_px, y_wcs_px,
+                                                            snr0, sky0.e_per_px, fwhm_px, cfg)
+    # 2. (continued) the mirror test on bright cores, which needs their centroids
+    hit_r, hit_c = cosmics.bright_core_hits(
+        clean, bad_cr, x_px, y_px, snr0, (flags & NO_CENTROID) == 0,
+        cfg.aperture_max_fwhm * fwhm_px + 1.0, sky0.e_per_px, rdnoise_e, fwhm_px, cfg)
+    cr_mask[hit_r, hit_c] = True
+    bad_cr[hit_r, hit_c] = True
+    # 3. local sky at the final positions, and the noise of a pixel and of the sky
+    sky = _final_sky(clean, bad_cr, x_px, y_px, x_wcs_px, y_wcs_px, sky0, annulus_px,
+                     fwhm_px, cfg.sky_clip_sigma)
+    flags[_too_few_sky_pixels(sky.n_px, annulus_px)] |= BAD_SKY
+    pix_var, sky_mean_var = _noise_variances(sky, rdnoise_e, gain_e_per_adu, dark_e_per_px,
+                                             cfg.sky_err_floor_e_per_px)
+    # 4. curve of growth: optimal aperture and aperture correction
+    flux_est_e = np.maximum(flux0_e, 0) / 0.6  # rough total flux, only to rank neighbours
+    growth_idx = _growth_stars(x_px, y_px, snr0, flux_est_e, flags, sky.n_px, bad_cr,
+                               growth_radius_px, annulus_px[1], data.shape, fwhm_px, cfg)
+    growth = _curve_of_growth(clean, bad, x_px, y_px, growth_idx, sky, pix_var, sky_mean_var,
+                              growth_radius_px, fwhm_px, cfg)
+    aperture_radius_px = growth.aperture_radius_px
+    # 5. fluxes at the optimal aperture, hits near a core repaired from their mirror
+    # image first (``clean`` is this function's own array and equals ``data`` wherever
+    # the repair reads, so it is repaired in place)
+    clean = cosmics.mirror_repair(clean, clean, cr_mask, bad, x_px, y_px,
+                                  aperture_radius_px + 1.0, inplace=True)
+    flux_e, flux_err_e = _aperture_fluxes(clean, bad, x_px, y_px, sky, pix_var, sky_mean_var,
+                                          growth)
+    # 6. flags of the aperture, magnitudes
+    flags |= _aperture_flags(x_px, y_px, flux_e, flux_est_e, aperture_radius_px, data.shape,
+                             bad, cr_mask, fwhm_px, cfg)
+    mag, mag_err = _magnitudes(flux_e, flux_err_e, exptime_s)
+
+    table = _result_table(ids, x_px, y_px, flux_e, flux_err_e, mag, mag_err, sky.e_per_px,
+                          flags, growth, fwhm_px,
+                          off_frame_target=target_name if target_off_frame else None)
+    summary = _frame_summary(growth, fwhm_px, len(growth_idx), len(table), sky.e_per_px,
+                             pix_var, dx_px, dy_px, int(cr_mask.sum()))
+    return table, summary
+
+
+# ---------------------------------------------------------------------------
+# Steps
+# ---------------------------------------------------------------------------
+
+class AnnulusSky(NamedTuple):
+    """Local sky of each star (arrays over stars)."""
+
+    e_per_px: np.ndarray  # sigma-clipped mean of the annulus (e-/px)
+    sigma_e: np.ndarray  # per-pixel scatter of the kept pixels (e-); NaN: too few
+    n_px: np.ndarray  # annulus pixels kept
+
+
+class GrowthCurve(NamedTuple):
+    """What the curve of growth of one frame gives (see :func:`_growth`)."""
+
+    radii_fwhm: np.ndarray  # radii the curve is sampled at (FWHM units)
+    curve: np.ndarray  # median fraction of the growth-radius flux inside each radius
+    aperture_radius_px: float  # the optimal aperture
+    growth_radius_px: float  # the radius the correction refers to
+    apcorr_mag: float  # <= 0, added to an optimal-aperture magnitude
+    apcorr_err_mag: float
+    apcorr_scatter_mag: float
+    pixel_phase_mag: float
+
+
+def _working_frame(data_e: np.ndarray, mask: np.ndarray | None,
+                   ) -> tuple[np.ndarray, np.ndarray | None, bool, np.ndarray]:
+    """(frame as float64, the float32 frame it was converted from or None, whether
+    the float64 frame is this call's own array, mask of unusable pixels)."""
     data = np.asarray(data_e, dtype=float)
     # A float32 frame (what the pipeline passes) is converted into a new array that
-    # this function may then clean in place instead of copying 70 MB twice more.
+    # measure_frame may then clean in place instead of copying 70 MB twice more.
     owned = isinstance(data_e, np.ndarray) and not np.may_share_memory(data, data_e)
-    ny, nx = data.shape
+    data32 = data_e if owned and data_e.dtype == np.float32 else None
     bad = np.zeros(data.shape, bool) if mask is None else np.asarray(mask, bool).copy()
     bad |= ~np.isfinite(data)
-    fwhm = float(fwhm_px)
-    if not (fwhm > 0):
-        raise ValueError(f"fwhm_px must be positive, got {fwhm_px!r}")
+    return data, data32, owned, bad
 
-    # --- which stars, and where the WCS puts them -------------------------
+
+def _wcs_positions(stars: Table, wcs: WCS, target_radec: tuple[float, float] | None,
+                   target_name: str,
+                   shape: tuple[int, int]) -> tuple[list[str], np.ndarray, np.ndarray, bool]:
+    """Which stars to measure, and where the WCS puts them.
+
+    The target (when given) comes first; a catalog star within
+    ``_TARGET_MATCH_ARCSEC`` of it is the target and is not measured twice.
+    Returns (ids, x_px, y_px, target_off_frame) of the stars on the frame.
+    """
+    ny, nx = shape
     ids = list(star_ids(stars))
     ra = np.asarray(stars["ra"], float) if len(stars) else np.zeros(0)
     dec = np.asarray(stars["dec"], float) if len(stars) else np.zeros(0)
@@ -215,162 +326,231 @@ def measure_frame(
         ids = [target_name] + [i for i, k in zip(ids, keep, strict=True) if k]
         ra = np.concatenate([[t_ra], ra[keep]])
         dec = np.concatenate([[t_dec], dec[keep]])
-    n_all = len(ids)
-    if n_all:
+    if ids:
         xp, yp = wcs.all_world2pix(ra, dec, 0)
     else:
         xp, yp = np.zeros(0), np.zeros(0)
     xp, yp = np.asarray(xp, float), np.asarray(yp, float)
     on = np.isfinite(xp) & np.isfinite(yp) & (xp >= 0) & (xp <= nx - 1) \
         & (yp >= 0) & (yp <= ny - 1)
-    is_target = np.zeros(n_all, bool)
-    if target_radec is not None:
-        is_target[0] = True
-    rows = np.flatnonzero(on)  # stars we measure
-    ids_on = [ids[k] for k in rows]
-    x0, y0 = xp[rows], yp[rows]
-    n = len(rows)
+    rows = np.flatnonzero(on)
+    target_off_frame = target_radec is not None and not on[0]
+    return [ids[k] for k in rows], xp[rows], yp[rows], bool(target_off_frame)
 
-    # --- cosmic rays: detect, replace, remember where ---------------------
-    cr_mask, clean, _ratio = _cosmic_rays(data, bad, rdnoise_e, x0, y0, fwhm, cfg,
-                                          inplace=owned, data32=data_e if owned and getattr(
-                                              data_e, "dtype", None) == np.float32 else None)
-    bad_cr = bad | cr_mask
 
-    # --- first pass: centroids and a rough flux at r = 1 FWHM -------------
-    r_in, r_out = cfg.annulus_inner_fwhm * fwhm, cfg.annulus_outer_fwhm * fwhm
-    sky0 = np.empty(n)
-    sig0 = np.empty(n)
-    nsky0 = np.empty(n, int)
-    for k in range(n):
-        sky0[k], sig0[k], nsky0[k] = _local_sky(clean, bad_cr, x0[k], y0[k], r_in, r_out,
-                                                 x0, y0, k, fwhm, cfg.sky_clip_sigma)
-    f0, a0 = _aperture_sums(clean, bad, x0, y0, [fwhm])
-    flux0 = f0[:, 0] - sky0 * a0[:, 0]
-    snr0 = flux0 / np.sqrt(np.maximum(flux0, 0) + a0[:, 0] * np.maximum(sig0, 1e-9) ** 2)
-    snr0 = np.where(np.isfinite(snr0), snr0, 0.0)
+def _annulus_skies(img: np.ndarray, bad: np.ndarray, x_px: np.ndarray, y_px: np.ndarray,
+                   which: np.ndarray, annulus_px: tuple[float, float], fwhm_px: float,
+                   clip_sigma: float, start: AnnulusSky | None = None) -> AnnulusSky:
+    """Local sky (:func:`_local_sky`) of the stars ``which``, the other stars' cores
+    masked; the rest keep their values in ``start`` (or are left unset)."""
+    n = len(x_px)
+    if start is None:
+        sky, sig, n_sky = np.empty(n), np.empty(n), np.empty(n, int)
+    else:
+        sky, sig, n_sky = start.e_per_px.copy(), start.sigma_e.copy(), start.n_px.copy()
+    r_in, r_out = annulus_px
+    for k in which:
+        sky[k], sig[k], n_sky[k] = _local_sky(img, bad, x_px[k], y_px[k], r_in, r_out,
+                                              x_px, y_px, k, fwhm_px, clip_sigma)
+    return AnnulusSky(sky, sig, n_sky)
+
+
+def _rough_flux(img: np.ndarray, bad: np.ndarray, x_px: np.ndarray, y_px: np.ndarray,
+                sky: AnnulusSky, fwhm_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """Sky-subtracted flux (e-) in a 1-FWHM aperture and its S/N (0 where undefined):
+    which stars to centroid, which build the curve of growth."""
+    f0, a0 = _aperture_sums(img, bad, x_px, y_px, [fwhm_px])
+    flux0 = f0[:, 0] - sky.e_per_px * a0[:, 0]
+    snr0 = flux0 / np.sqrt(np.maximum(flux0, 0) + a0[:, 0] * np.maximum(sky.sigma_e, 1e-9) ** 2)
+    return flux0, np.where(np.isfinite(snr0), snr0, 0.0)
+
+
+def _centroided_positions(
+    img: np.ndarray, bad: np.ndarray, x_wcs_px: np.ndarray, y_wcs_px: np.ndarray,
+    snr: np.ndarray, sky_e_per_px: np.ndarray, fwhm_px: float, cfg: PhotometryConfig,
+) -> tuple[np.ndarray, np.ndarray, float, float, np.ndarray]:
+    """Final positions: windowed centroids of the stars bright enough to centroid,
+    the WCS positions shifted by the median centroid offset for the others.
+
+    Returns (x_px, y_px, dx_px, dy_px, flags): ``flags`` holds ``NO_CENTROID``
+    for a bright star whose centroid failed or ran beyond
+    ``centroid_max_shift_fwhm`` (it keeps the shifted WCS position).
+    """
+    n = len(x_wcs_px)
     xc = np.full(n, np.nan)
     yc = np.full(n, np.nan)
     for k in range(n):
-        if snr0[k] >= cfg.centroid_min_snr:
-            xc[k], yc[k] = _windowed_centroid(clean, bad, x0[k], y0[k], fwhm, sky0[k])
-    good_c = np.isfinite(xc) & (snr0 >= 2 * cfg.centroid_min_snr)
-    dx = float(np.median(xc[good_c] - x0[good_c])) if good_c.sum() >= 3 else 0.0
-    dy = float(np.median(yc[good_c] - y0[good_c])) if good_c.sum() >= 3 else 0.0
-    x = x0 + dx
-    y = y0 + dy
+        if snr[k] >= cfg.centroid_min_snr:
+            xc[k], yc[k] = _windowed_centroid(img, bad, x_wcs_px[k], y_wcs_px[k], fwhm_px,
+                                              sky_e_per_px[k])
+    good_c = np.isfinite(xc) & (snr >= 2 * cfg.centroid_min_snr)
+    dx = float(np.median(xc[good_c] - x_wcs_px[good_c])) if good_c.sum() >= 3 else 0.0
+    dy = float(np.median(yc[good_c] - y_wcs_px[good_c])) if good_c.sum() >= 3 else 0.0
+    x = x_wcs_px + dx
+    y = y_wcs_px + dy
     flags = np.zeros(n, np.int64)
-    max_shift = cfg.centroid_max_shift_fwhm * fwhm
+    max_shift_px = cfg.centroid_max_shift_fwhm * fwhm_px
     for k in range(n):
-        if snr0[k] < cfg.centroid_min_snr:
+        if snr[k] < cfg.centroid_min_snr:
             continue  # forced photometry: the shifted WCS position beats a noisy centroid
-        if np.isfinite(xc[k]) and math.hypot(xc[k] - x[k], yc[k] - y[k]) <= max_shift:
+        if np.isfinite(xc[k]) and math.hypot(xc[k] - x[k], yc[k] - y[k]) <= max_shift_px:
             x[k], y[k] = xc[k], yc[k]
         else:
             flags[k] |= NO_CENTROID
+    return x, y, dx, dy, flags
 
-    # --- cosmic rays on bright cores: the PSF is point-symmetric -----------
-    # On a bright star's core the spike test above needs a hit to outshine the
-    # star's own profile; a pixel standing far above its mirror image through
-    # the star's centre is a hit however bright the star.
-    # Stars whose centroid failed are not mirrored about a trustworthy centre,
-    # and below 3 px FWHM bilinear interpolation of the core is too coarse.
-    bright = np.flatnonzero((snr0 >= _MIRROR_MIN_SNR) & ~(flags & NO_CENTROID).astype(bool))
-    if len(bright) and fwhm >= _MIRROR_MIN_FWHM_PX:
-        mr, mc = _mirror_hits(clean, bad_cr, x, y, bright, cfg.aperture_max_fwhm * fwhm + 1.0,
-                              sky0, rdnoise_e**2, cfg.cosmic_sigma, fwhm,
-                              cfg.cosmic_mirror_tolerance)
-        if len(mr):
-            cr_mask[mr, mc] = True
-            bad_cr[mr, mc] = True
 
-    # --- local sky at the final positions ---------------------------------
-    # A star that moved by a few hundredths of the annulus width keeps its
-    # first-pass sky (the annulus is 2 FWHM wide): half the sky work on a frame
-    # whose WCS is good. The mirror test's new hits lie inside apertures.
-    sky, sky_sig, n_sky = sky0.copy(), sig0.copy(), nsky0.copy()
-    moved = np.hypot(x - x0, y - y0) > _SKY_REUSE_FWHM * fwhm
-    for k in np.flatnonzero(moved):
-        sky[k], sky_sig[k], n_sky[k] = _local_sky(clean, bad_cr, x[k], y[k], r_in, r_out,
-                                                  x, y, k, fwhm, cfg.sky_clip_sigma)
+def _final_sky(img: np.ndarray, bad: np.ndarray, x_px: np.ndarray, y_px: np.ndarray,
+               x_first_px: np.ndarray, y_first_px: np.ndarray, first: AnnulusSky,
+               annulus_px: tuple[float, float], fwhm_px: float,
+               clip_sigma: float) -> AnnulusSky:
+    """Local sky at the final positions.
+
+    A star that moved by a few hundredths of the annulus width keeps its
+    first-pass sky (the annulus is 2 FWHM wide): half the sky work on a frame
+    whose WCS is good. The mirror test's new hits lie inside apertures.
+    """
+    moved = np.hypot(x_px - x_first_px, y_px - y_first_px) > _SKY_REUSE_FWHM * fwhm_px
+    return _annulus_skies(img, bad, x_px, y_px, np.flatnonzero(moved), annulus_px, fwhm_px,
+                          clip_sigma, start=first)
+
+
+def _too_few_sky_pixels(n_sky_px: np.ndarray, annulus_px: tuple[float, float]) -> np.ndarray:
+    """Stars whose annulus kept too few clean pixels for a trustworthy sky (``BAD_SKY``)."""
+    r_in, r_out = annulus_px
     nominal_sky_px = math.pi * (r_out**2 - r_in**2)
-    flags[n_sky < max(20, 0.3 * nominal_sky_px)] |= BAD_SKY
-    # Per-pixel noise: the CCD equation (sky + dark + read + digitisation) or
-    # the annulus scatter when larger (faint stars, flat-field structure).
-    ccd_var = np.maximum(sky, 0) + dark_e_per_px + rdnoise_e**2 + gain_e_per_adu**2 / 12.0
-    pix_var = np.maximum(ccd_var, np.nan_to_num(sky_sig, nan=0.0) ** 2)
-    sky_mean_var = pix_var / np.maximum(n_sky, 1) + cfg.sky_err_floor_e_per_px**2
+    return n_sky_px < max(20, 0.3 * nominal_sky_px)
 
-    # --- curve of growth from bright isolated stars ------------------------
-    step = 0.05
-    radii_fwhm = np.round(np.arange(cfg.aperture_min_fwhm, cfg.aperture_max_fwhm + 1e-9, step), 4)
-    r_big = cfg.growth_radius_fwhm * fwhm
-    radii = np.concatenate([radii_fwhm * fwhm, [r_big]])
-    flux_est = np.maximum(flux0, 0) / 0.6  # rough total flux, only to rank neighbours
-    contam_big = _contamination(x, y, flux_est, r_big, fwhm)
+
+def _noise_variances(sky: AnnulusSky, rdnoise_e: float, gain_e_per_adu: float,
+                     dark_e_per_px: float,
+                     sky_err_floor_e_per_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """(variance of one pixel, variance of the sky estimate), e-^2, per star.
+
+    Per-pixel noise: the CCD equation (sky + dark + read + digitisation) or
+    the annulus scatter when larger (faint stars, flat-field structure).
+    """
+    ccd_var = np.maximum(sky.e_per_px, 0) + dark_e_per_px + rdnoise_e**2 \
+        + gain_e_per_adu**2 / 12.0
+    pix_var = np.maximum(ccd_var, np.nan_to_num(sky.sigma_e, nan=0.0) ** 2)
+    sky_mean_var = pix_var / np.maximum(sky.n_px, 1) + sky_err_floor_e_per_px**2
+    return pix_var, sky_mean_var
+
+
+def _growth_stars(x_px: np.ndarray, y_px: np.ndarray, snr: np.ndarray, flux_est_e: np.ndarray,
+                  flags: np.ndarray, n_sky_px: np.ndarray, bad: np.ndarray,
+                  growth_radius_px: float, annulus_outer_px: float, shape: tuple[int, int],
+                  fwhm_px: float, cfg: PhotometryConfig) -> np.ndarray:
+    """Indices of the bright, isolated, clean stars that build the curve of growth,
+    brightest first (at most ``growth_max_stars``)."""
+    ny, nx = shape
+    x, y, r_big, r_out = x_px, y_px, growth_radius_px, annulus_outer_px
+    contam_big = _contamination(x, y, flux_est_e, r_big, fwhm_px)
     # Growth stars keep their whole annulus on the frame.
     edge_big = (x - r_out < 0) | (x + r_out > nx - 1) | (y - r_out < 0) | (y + r_out > ny - 1)
-    bad_big = _any_in_circle(bad_cr, x, y, r_big)
-    cand = (snr0 >= cfg.growth_min_snr) & ~edge_big & ~bad_big \
-        & (contam_big < cfg.neighbour_max_contamination) & (flags == 0) & (n_sky >= 20)
+    bad_big = _any_in_circle(bad, x, y, r_big)
+    cand = (snr >= cfg.growth_min_snr) & ~edge_big & ~bad_big \
+        & (contam_big < cfg.neighbour_max_contamination) & (flags == 0) & (n_sky_px >= 20)
     cand_idx = np.flatnonzero(cand)
     if len(cand_idx) < 3:  # a sparse or poor frame: accept fainter stars
-        cand = (snr0 >= 30) & ~edge_big & ~bad_big & (contam_big < 0.05) & (flags == 0)
+        cand = (snr >= 30) & ~edge_big & ~bad_big & (contam_big < 0.05) & (flags == 0)
         cand_idx = np.flatnonzero(cand)
-    cand_idx = cand_idx[np.argsort(-snr0[cand_idx])][: cfg.growth_max_stars]
+    return cand_idx[np.argsort(-snr[cand_idx])][: cfg.growth_max_stars]
+
+
+def _curve_of_growth(img: np.ndarray, bad: np.ndarray, x_px: np.ndarray, y_px: np.ndarray,
+                     which: np.ndarray, sky: AnnulusSky, pix_var: np.ndarray,
+                     sky_mean_var: np.ndarray, growth_radius_px: float, fwhm_px: float,
+                     cfg: PhotometryConfig) -> GrowthCurve:
+    """The curve of growth of the stars ``which`` out to ``growth_radius_px``, sampled
+    every 0.05 FWHM from ``aperture_min_fwhm`` to ``aperture_max_fwhm`` (:func:`_growth`)."""
+    step = 0.05
+    radii_fwhm = np.round(np.arange(cfg.aperture_min_fwhm, cfg.aperture_max_fwhm + 1e-9, step), 4)
+    radii_px = np.concatenate([radii_fwhm * fwhm_px, [growth_radius_px]])
+    n_sky_px = float(np.median(sky.n_px) if len(x_px) else 1.0)
     curve, r_opt, apcorr, apcorr_err, apcorr_scatter, phase = _growth(
-        clean, bad, x[cand_idx], y[cand_idx], sky[cand_idx], pix_var[cand_idx],
-        sky_mean_var[cand_idx], radii, radii_fwhm, fwhm, float(np.median(n_sky) if n else 1.0))
+        img, bad, x_px[which], y_px[which], sky.e_per_px[which], pix_var[which],
+        sky_mean_var[which], radii_px, radii_fwhm, fwhm_px, n_sky_px)
+    return GrowthCurve(radii_fwhm, curve, r_opt, growth_radius_px, apcorr, apcorr_err,
+                       apcorr_scatter, phase)
 
-    # --- final photometry at the optimal aperture --------------------------
-    # Near a star's core the neighbours' median underestimates a hit pixel;
-    # its mirror image through the star's centre does not (a PSF is symmetric).
-    # ``clean`` is this function's own array (see _cosmic_rays) and equals ``data``
-    # wherever the repair reads, so it is repaired in place.
-    clean = _mirror_repair(clean, clean, cr_mask, bad, x, y, r_opt + 1.0, inplace=True)
-    sums, areas = _aperture_sums(clean, bad, x, y, [r_opt])
-    flux_ap = sums[:, 0] - sky * areas[:, 0]
+
+def _aperture_fluxes(img: np.ndarray, bad: np.ndarray, x_px: np.ndarray, y_px: np.ndarray,
+                     sky: AnnulusSky, pix_var: np.ndarray, sky_mean_var: np.ndarray,
+                     growth: GrowthCurve) -> tuple[np.ndarray, np.ndarray]:
+    """Aperture-corrected fluxes (e-) at the optimal aperture and their errors (e-).
+
+    The CCD equation (source, pixel noise, error of the sky estimate), then the
+    star-to-star terms a star's own counts do not show: the aperture
+    correction's scatter (PSF changes over the field) and the pixel phase.
+    """
+    sums, areas = _aperture_sums(img, bad, x_px, y_px, [growth.aperture_radius_px])
+    flux_ap = sums[:, 0] - sky.e_per_px * areas[:, 0]
     var = np.maximum(flux_ap, 0) + areas[:, 0] * pix_var + areas[:, 0] ** 2 * sky_mean_var
-    frac = 10 ** (0.4 * apcorr)  # fraction of the growth-radius flux inside r_opt
+    frac = 10 ** (0.4 * growth.apcorr_mag)  # fraction of the growth-radius flux inside r_opt
     flux = flux_ap / frac
-    # Star-to-star terms a star's own counts do not show: the aperture
-    # correction's scatter (PSF changes over the field) and the pixel phase.
-    flux_err = np.sqrt(var / frac**2 + (flux / _MAG) ** 2 * (apcorr_scatter**2 + phase**2))
-    contam = _contamination(x, y, flux_est, r_opt, fwhm)
-    flags[contam > cfg.neighbour_max_contamination] |= NEIGHBOUR
-    flags[(x - r_opt < -0.5) | (x + r_opt > nx - 0.5) | (y - r_opt < -0.5)
-          | (y + r_opt > ny - 0.5)] |= EDGE
-    # A pixel touched by the aperture counts: half a pixel beyond the radius.
-    flags[_any_in_circle(bad, x, y, r_opt + 0.5)] |= SATURATED
-    flags[_any_in_circle(cr_mask, x, y, r_opt + 0.5)] |= COSMIC
-    flags[~(flux > 0)] |= NONPOSITIVE
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mag = np.where(flux > 0, -2.5 * np.log10(flux / exptime_s), np.nan)
-        mag_err = np.where(flux > 0, _MAG * flux_err / flux, np.nan)
+    flux_err = np.sqrt(var / frac**2 + (flux / _MAG) ** 2
+                       * (growth.apcorr_scatter_mag**2 + growth.pixel_phase_mag**2))
+    return flux, flux_err
 
-    # --- the table: the target first, off-frame target as a flagged NaN row
+
+def _aperture_flags(x_px: np.ndarray, y_px: np.ndarray, flux_e: np.ndarray,
+                    flux_est_e: np.ndarray, aperture_radius_px: float, shape: tuple[int, int],
+                    bad: np.ndarray, cr_mask: np.ndarray, fwhm_px: float,
+                    cfg: PhotometryConfig) -> np.ndarray:
+    """``NEIGHBOUR``, ``EDGE``, ``SATURATED``, ``COSMIC`` and ``NONPOSITIVE`` bits."""
+    ny, nx = shape
+    x, y, r = x_px, y_px, aperture_radius_px
+    flags = np.zeros(len(x), np.int64)
+    contam = _contamination(x, y, flux_est_e, r, fwhm_px)
+    flags[contam > cfg.neighbour_max_contamination] |= NEIGHBOUR
+    flags[(x - r < -0.5) | (x + r > nx - 0.5) | (y - r < -0.5) | (y + r > ny - 0.5)] |= EDGE
+    # A pixel touched by the aperture counts: half a pixel beyond the radius.
+    flags[_any_in_circle(bad, x, y, r + 0.5)] |= SATURATED
+    flags[_any_in_circle(cr_mask, x, y, r + 0.5)] |= COSMIC
+    flags[~(flux_e > 0)] |= NONPOSITIVE
+    return flags
+
+
+def _magnitudes(flux_e: np.ndarray, flux_err_e: np.ndarray,
+                exptime_s: float) -> tuple[np.ndarray, np.ndarray]:
+    """Instrumental magnitudes ``-2.5 log10(flux_e / exptime_s)`` and their errors (mag);
+    NaN where the flux is not positive."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mag = np.where(flux_e > 0, -2.5 * np.log10(flux_e / exptime_s), np.nan)
+        mag_err = np.where(flux_e > 0, _MAG * flux_err_e / flux_e, np.nan)
+    return mag, mag_err
+
+
+def _result_table(ids: list[str], x_px: np.ndarray, y_px: np.ndarray, flux_e: np.ndarray,
+                  flux_err_e: np.ndarray, mag: np.ndarray, mag_err: np.ndarray,
+                  sky_e_per_px: np.ndarray, flags: np.ndarray, growth: GrowthCurve,
+                  fwhm_px: float, *, off_frame_target: str | None) -> Table:
+    """The table of :func:`measure_frame`: the target first, an off-frame target
+    (``off_frame_target``, its name) as a flagged NaN row."""
+    r_opt = growth.aperture_radius_px
     out_ids: list[str] = []
     cols: dict[str, list] = {c: [] for c in COLUMNS if c != "star_id"}
-    if target_radec is not None and not on[0]:
-        out_ids.append(target_name)
+    if off_frame_target is not None:
+        out_ids.append(off_frame_target)
         for c in cols:
             cols[c].append(np.nan)
         cols["flags"][-1] = OFF_FRAME
         cols["aperture_px"][-1] = r_opt
-        cols["aperture_fwhm"][-1] = r_opt / fwhm
-        cols["apcorr_mag"][-1] = apcorr
-    for k in range(n):
-        out_ids.append(ids_on[k])
-        cols["x_px"].append(x[k])
-        cols["y_px"].append(y[k])
-        cols["flux_e"].append(flux[k])
-        cols["flux_err_e"].append(flux_err[k])
+        cols["aperture_fwhm"][-1] = r_opt / fwhm_px
+        cols["apcorr_mag"][-1] = growth.apcorr_mag
+    for k in range(len(ids)):
+        out_ids.append(ids[k])
+        cols["x_px"].append(x_px[k])
+        cols["y_px"].append(y_px[k])
+        cols["flux_e"].append(flux_e[k])
+        cols["flux_err_e"].append(flux_err_e[k])
         cols["mag_inst"].append(mag[k])
         cols["mag_inst_err"].append(mag_err[k])
         cols["aperture_px"].append(r_opt)
-        cols["aperture_fwhm"].append(r_opt / fwhm)
-        cols["apcorr_mag"].append(apcorr)
-        cols["sky_e_per_px"].append(sky[k])
+        cols["aperture_fwhm"].append(r_opt / fwhm_px)
+        cols["apcorr_mag"].append(growth.apcorr_mag)
+        cols["sky_e_per_px"].append(sky_e_per_px[k])
         cols["flags"].append(int(flags[k]))
     table = Table()
     table["star_id"] = np.array(out_ids, dtype=str) if out_ids else np.zeros(0, dtype="U1")
@@ -381,23 +561,27 @@ def measure_frame(
                     ("aperture_px", "pix"), ("apcorr_mag", "mag"),
                     ("sky_e_per_px", "electron / pix")):
         table[c].unit = unit
-    summary = FrameSummary(
-        fwhm_px=fwhm, aperture_px=r_opt, aperture_fwhm=r_opt / fwhm, growth_radius_px=r_big,
-        apcorr_mag=apcorr, apcorr_err_mag=apcorr_err, apcorr_scatter_mag=apcorr_scatter,
-        n_growth_stars=len(cand_idx), n_stars=len(table),
-        sky_e_per_px=float(np.median(sky)) if n else float("nan"),
+    return table
+
+
+def _frame_summary(growth: GrowthCurve, fwhm_px: float, n_growth_stars: int, n_rows: int,
+                   sky_e_per_px: np.ndarray, pix_var: np.ndarray, dx_px: float, dy_px: float,
+                   n_cosmic_px: int) -> FrameSummary:
+    r_opt = growth.aperture_radius_px
+    n = len(sky_e_per_px)
+    return FrameSummary(
+        fwhm_px=fwhm_px, aperture_px=r_opt, aperture_fwhm=r_opt / fwhm_px,
+        growth_radius_px=growth.growth_radius_px, apcorr_mag=growth.apcorr_mag,
+        apcorr_err_mag=growth.apcorr_err_mag, apcorr_scatter_mag=growth.apcorr_scatter_mag,
+        n_growth_stars=n_growth_stars, n_stars=n_rows,
+        sky_e_per_px=float(np.median(sky_e_per_px)) if n else float("nan"),
         sky_sigma_e=float(np.median(np.sqrt(pix_var))) if n else float("nan"),
-        centroid_dx_px=dx, centroid_dy_px=dy, n_cosmic_px=int(cr_mask.sum()),
-        growth_radii_fwhm=tuple(float(r) for r in radii_fwhm),
-        growth_curve=tuple(float(g) for g in curve),
-        pixel_phase_mag=phase,
+        centroid_dx_px=dx_px, centroid_dy_px=dy_px, n_cosmic_px=n_cosmic_px,
+        growth_radii_fwhm=tuple(float(r) for r in growth.radii_fwhm),
+        growth_curve=tuple(float(g) for g in growth.curve),
+        pixel_phase_mag=growth.pixel_phase_mag,
     )
-    return table, summary
 
-
-# ---------------------------------------------------------------------------
-# Steps
-# ---------------------------------------------------------------------------
 
 def _separation_arcsec(ra: np.ndarray, dec: np.ndarray, ra0: float, dec0: float) -> np.ndarray:
     r1, d1, r0, d0 = map(np.radians, (ra, dec, ra0, dec0))
@@ -405,313 +589,11 @@ def _separation_arcsec(ra: np.ndarray, dec: np.ndarray, ra0: float, dec0: float)
     return np.degrees(2 * np.arcsin(np.sqrt(np.clip(h, 0, 1)))) * 3600.0
 
 
-def _cosmic_rays(data: np.ndarray, bad: np.ndarray, rdnoise_e: float, x: np.ndarray,
-                 y: np.ndarray, fwhm: float, cfg: PhotometryConfig, *,
-                 inplace: bool = False,
-                 data32: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, float]:
-    """Find cosmic-ray (and hot-pixel) hits: (hit mask, cleaned frame, star contrast).
-
-    L.A.Cosmic's idea (van Dokkum 2001) in one pass: a hit is sharper than
-    any star. For each pixel, ``excess`` is its height above the median of
-    its eight neighbours and ``height`` the neighbours' height above the sky.
-    A star's peak pixel has ``excess / height`` near a value set by the seeing
-    and pixel size; we measure that ratio on the frame's own stars (median
-    over their peak pixels), so a sharp PSF is never taken for a hit. A pixel
-    is a hit when ``excess > cosmic_sigma * noise + cosmic_contrast * ratio *
-    height``: on the sky that is a plain 5-sigma spike, on a star's core a
-    spike the star's profile cannot make. On a binned frame a track rarely
-    covers more than two pixels and the median of eight ignores one hit
-    neighbour. Hit pixels are replaced by that median. About 25x cheaper than
-    ``astroscrappy`` here; the tests check it against the simulator's hits.
-
-    The result is exactly that of a full-frame 3x3 ring median filter, computed
-    much faster: a pixel can only be a hit if it stands ``cosmic_sigma * noise``
-    above a cheap lower bound of its neighbours' median (the larger of the minima
-    of its 4 side and 4 corner neighbours), so the exact median is computed only
-    for those few candidates. With ``inplace`` the hits are repaired in ``data``
-    itself (which is then returned as the cleaned frame). ``data32``, a float32
-    array holding the same values as ``data``, lets the full-frame passes run in
-    float32 (half the memory traffic) with margins that keep the result exact.
-    """
-    any_bad = bool(bad.any())
-    fill = fill32 = None
-    if any_bad:
-        src = data if data32 is None else data32
-        finite = np.isfinite(src)
-        fill = _median(src if finite.all() else src[finite])
-        filled = np.where(bad, fill, data)
-        if data32 is not None:
-            fill32 = np.float32(fill)
-    else:
-        filled = data
-    if data32 is None:
-        sky = _median(filled)
-    elif fill32 is None:
-        sky = _median(data32)
-    else:
-        # The float32 copy orders every value as the float64 one does, except that the
-        # rounded fill ties with data values equal to it: then the exact way.
-        filled32 = np.where(bad, fill32, data32)
-        sky = _median(filled32)
-        if sky == float(fill32) or not np.isfinite(sky):
-            sky = _median(filled)
-    rd2 = rdnoise_e**2
-    hits = np.zeros(data.shape, bool)
-    if data32 is None:
-        cand_r, cand_c = _spike_candidates(filled, rd2, cfg.cosmic_sigma)
-    else:
-        # Rounding the fill to float32 moves the neighbours' bound by at most |fill -
-        # fill32|; float32 arithmetic errors are far below the relative margins.
-        slack = 0.0 if fill32 is None else 2.0 * abs(fill - float(fill32))
-        cand_r, cand_c = _spike_candidates(data32 if fill32 is None else filled32, rd2,
-                                           cfg.cosmic_sigma, slack=slack, rel=1e-5)
-    med_c = _ring_median(filled, cand_r, cand_c)
-    ratios = []
-    half = max(int(round(fwhm)), 2)
-    ny, nx = data.shape
-    peaks_r, peaks_c = [], []
-    for xi, yi in zip(x, y, strict=True):
-        ix, iy = int(round(xi)), int(round(yi))
-        if not (half <= ix < nx - half and half <= iy < ny - half):
-            continue
-        box = (slice(iy - half, iy + half + 1), slice(ix - half, ix + half + 1))
-        if bad[box].any():
-            continue
-        k = np.unravel_index(int(np.argmax(filled[box])), filled[box].shape)
-        peaks_r.append(iy - half + k[0])
-        peaks_c.append(ix - half + k[1])
-    if peaks_r:
-        pr, pc = np.array(peaks_r), np.array(peaks_c)
-        med_p = _ring_median(filled, pr, pc)
-        f_p = filled[pr, pc]
-        excess_p = f_p - med_p
-        height_p = med_p - sky
-        noise_p = np.sqrt(np.maximum(f_p, 0.0) + rd2)
-        for e, h, nz in zip(excess_p, height_p, noise_p, strict=True):
-            if h > 30 * nz:
-                ratios.append(e / h)
-    # Without bright stars to learn from, assume a well-sampled Moffat core.
-    ratio = float(np.median(ratios)) if len(ratios) >= 3 else 0.4
-    if len(cand_r):
-        f_c = filled[cand_r, cand_c]
-        excess = f_c - med_c
-        noise = np.sqrt(np.maximum(f_c, 0.0) + rd2)
-        height = med_c - sky
-        hit = (excess > cfg.cosmic_sigma * noise
-               + cfg.cosmic_contrast * max(ratio, 0.05) * np.maximum(height, 0.0)) \
-            & ~bad[cand_r, cand_c]
-        hits[cand_r[hit], cand_c[hit]] = True
-    else:
-        hit = np.zeros(0, bool)
-    clean = data if inplace else data.copy()
-    if len(cand_r):
-        clean[cand_r[hit], cand_c[hit]] = med_c[hit]
-    return hits, clean, ratio
-
-
-_MEDIAN_SAMPLE = 100_000  # pixels sampled to bracket a frame's median
-
-
-def _median(values: np.ndarray) -> float:
-    """``np.median`` of an array without NaNs, exactly, in a few linear passes.
-
-    A sample brackets the median; only the values inside the bracket are
-    partitioned. Falls back to ``np.median`` if the bracket misses.
-    """
-    flat = np.ravel(values)
-    n = flat.size
-    if n < 4 * _MEDIAN_SAMPLE:
-        return float(np.median(flat))
-    sample = np.sort(flat[:: n // _MEDIAN_SAMPLE])
-    m = sample.size
-    q = int(5 * math.sqrt(m)) + 16  # ~10 sigma of the sample median's rank error
-    lo, hi = sample[max(m // 2 - q, 0)], sample[min(m // 2 + q, m - 1)]
-    k_lo, k_hi = (n - 1) // 2, n // 2
-    below = int(np.count_nonzero(flat < lo))
-    inside = flat[(flat >= lo) & (flat <= hi)]
-    if not (below <= k_lo and below + inside.size > k_hi):
-        return float(np.median(flat))
-    part = np.partition(inside, [k_lo - below, k_hi - below])
-    a, b = np.float64(part[k_lo - below]), np.float64(part[k_hi - below])
-    return float(a) if k_lo == k_hi else float((a + b) / 2)
-
-
-_RING = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
-
-
-def _ring_median(img: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """Median of the 8 neighbours of each (row, col), edges repeated.
-
-    The same value as ``scipy.ndimage.median_filter(img, footprint=ring,
-    mode="nearest")`` there: the 5th smallest of the 8 (rank 8 // 2).
-    """
-    ny, nx = img.shape
-    vals = np.empty((len(rows), 8), dtype=img.dtype)
-    for k, (dy, dx) in enumerate(_RING):
-        vals[:, k] = img[np.clip(rows + dy, 0, ny - 1), np.clip(cols + dx, 0, nx - 1)]
-    vals.sort(axis=1)
-    return vals[:, 4].astype(float)
-
-
-def _spike_candidates(img: np.ndarray, rd2: float, sigma: float, *, slack: float = 0.0,
-                      rel: float = 0.0,
-                      rows_per_block: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """Pixels that may stand ``sigma * noise`` above the median of their 8 neighbours.
-
-    The median of the ring is its 5th smallest value. Each group of 4 (the
-    side and the corner neighbours) holds at least one of the 5 smallest, so
-    the larger of the two group minima is at most the median, and
-    ``img - bound > sigma * noise`` keeps every true hit. Row blocks keep the
-    work in cache. For a float32 ``img`` (``rel`` > 0) the test is loosened by
-    ``slack`` plus ``1e-6`` of the block's largest value and by the factor
-    ``1 - rel``, far more than float32 rounding can move it.
-    """
-    ny, nx = img.shape
-    rows_out, cols_out = [], []
-    for r0 in range(0, ny, rows_per_block):
-        r1 = min(r0 + rows_per_block, ny)
-        lo, hi = max(r0 - 1, 0), min(r1 + 1, ny)
-        blk = np.empty((r1 - r0 + 2, nx + 2), dtype=img.dtype)
-        top = 1 if r0 == 0 else 0
-        blk[top:top + hi - lo, 1:-1] = img[lo:hi]
-        if r0 == 0:
-            blk[0, 1:-1] = img[0]
-        if r1 == ny:
-            blk[-1, 1:-1] = img[ny - 1]
-        blk[:, 0] = blk[:, 1]
-        blk[:, -1] = blk[:, -2]
-        c = blk[1:-1, 1:-1]
-        side = np.minimum(blk[:-2, 1:-1], blk[2:, 1:-1])
-        np.minimum(side, blk[1:-1, :-2], out=side)
-        np.minimum(side, blk[1:-1, 2:], out=side)
-        corner = np.minimum(blk[:-2, :-2], blk[:-2, 2:])
-        np.minimum(corner, blk[2:, :-2], out=corner)
-        np.minimum(corner, blk[2:, 2:], out=corner)
-        np.maximum(side, corner, out=side)
-        np.subtract(c, side, out=side)  # an upper bound of the excess over the median
-        noise = np.maximum(c, 0.0)
-        noise += rd2
-        np.sqrt(noise, out=noise)
-        if rel:
-            noise *= sigma * (1.0 - rel)
-            side += slack + 1e-6 * max(float(blk.max()), -float(blk.min()))
-        else:
-            noise *= sigma
-        rr, cc = np.nonzero(side > noise)
-        rows_out.append(rr + r0)
-        cols_out.append(cc)
-    return np.concatenate(rows_out), np.concatenate(cols_out)
-
-
-def _mirrored(img: np.ndarray, xs: float, ys: float, px: np.ndarray, py: np.ndarray,
-              *masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Value of ``img`` at the reflection of pixels (px, py) through (xs, ys).
-
-    Bilinear interpolation of the four pixels around the mirror point.
-    Returns (values, usable): not usable when the mirror point is off the
-    frame or one of its four pixels is set in any of ``masks``.
-    """
-    ny, nx = img.shape
-    mx, my = 2 * xs - px, 2 * ys - py
-    x0, y0 = np.floor(mx).astype(int), np.floor(my).astype(int)
-    usable = (x0 >= 0) & (y0 >= 0) & (x0 < nx - 1) & (y0 < ny - 1)
-    x0, y0 = np.where(usable, x0, 0), np.where(usable, y0, 0)
-    for m in masks:
-        usable &= ~(m[y0, x0] | m[y0, x0 + 1] | m[y0 + 1, x0] | m[y0 + 1, x0 + 1])
-    fx, fy = mx - x0, my - y0
-    values = (img[y0, x0] * (1 - fx) * (1 - fy) + img[y0, x0 + 1] * fx * (1 - fy)
-              + img[y0 + 1, x0] * (1 - fx) * fy + img[y0 + 1, x0 + 1] * fx * fy)
-    return values, usable
-
-
-def _mirror_repair(clean: np.ndarray, data: np.ndarray, hits: np.ndarray, bad: np.ndarray,
-                   x: np.ndarray, y: np.ndarray, radius: float, *,
-                   inplace: bool = False) -> np.ndarray:
-    """Replace hit pixels within ``radius`` of a star by the point-mirrored value.
-
-    The value at (2x - px, 2y - py) is bilinearly interpolated from ``data``;
-    when any of the four pixels used is itself hit or bad the neighbours'
-    median (already in ``clean``) stays. With ``inplace`` ``clean`` itself is
-    repaired (only hit pixels are written; only pixels that are not hit are read).
-    """
-    if not hits.any():
-        return clean
-    out = clean if inplace else clean.copy()
-    for xs, ys in zip(x, y, strict=True):
-        sy, sx = _box(hits.shape, xs, ys, radius)
-        iy, ix = np.nonzero(hits[sy, sx])
-        if not len(iy):
-            continue
-        py, px = iy + sy.start, ix + sx.start
-        near = (px - xs) ** 2 + (py - ys) ** 2 <= radius**2
-        py, px = py[near], px[near]
-        values, usable = _mirrored(data, xs, ys, px, py, hits, bad)
-        out[py[usable], px[usable]] = values[usable]
-    return out
-
-
-# A star whose final position is within this many FWHM of its first-pass one
-# keeps its first-pass sky.
-_SKY_REUSE_FWHM = 0.05
-# Stars at least this bright (S/N in a 1-FWHM aperture) get the mirror test:
-# fainter cores are low enough for the spike test to see any hit that matters.
-_MIRROR_MIN_SNR = 50.0
-# Below this FWHM (px) the interpolated mirror image of a clean core misses by
-# more than the tolerance (about 2 false hits per bright star at 1.5-2 px).
-_MIRROR_MIN_FWHM_PX = 3.0
-
-
-def _mirror_hits(img: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarray,
-                 which: np.ndarray, radius: float, sky: np.ndarray, rd2: float, sigma: float,
-                 fwhm: float, tolerance: float) -> tuple[np.ndarray, np.ndarray]:
-    """Pixels of bright stars' cores standing far above their point-mirrored value.
-
-    For star ``k`` in ``which``, every good pixel within ``radius`` of its
-    centre is compared with the bilinear interpolation of ``img`` at the
-    point reflected through the centre (:func:`_mirrored`). A hit when the
-    excess exceeds ``sigma`` times the noise of the two plus ``tolerance``
-    times the mirror's height above ``sky[k]``. Pixels near another star
-    (within 2 FWHM of it) are not judged: a neighbour is not point-symmetric
-    about us. Returns (rows, cols) of the hits.
-    """
-    rows_out, cols_out = [], []
-    for k in which:
-        xs, ys = float(x[k]), float(y[k])
-        sy, sx = _box(img.shape, xs, ys, radius)
-        py, px = np.mgrid[sy, sx]
-        py, px = py.ravel(), px.ravel()
-        ok = ((px - xs) ** 2 + (py - ys) ** 2 <= radius**2) & ~bad[py, px]
-        near = np.flatnonzero((np.abs(x - xs) < radius + 2 * fwhm)
-                              & (np.abs(y - ys) < radius + 2 * fwhm))
-        for j in near:
-            if j != k:
-                for qx, qy in ((px, py), (2 * xs - px, 2 * ys - py)):
-                    ok &= (qx - x[j]) ** 2 + (qy - y[j]) ** 2 > (2.0 * fwhm) ** 2
-        py, px = py[ok], px[ok]
-        mirror, usable = _mirrored(img, xs, ys, px, py, bad)
-        v = img[py, px]
-        noise = np.sqrt(np.maximum(v, 0.0) + np.maximum(mirror, 0.0) + 2 * rd2)
-        hit = usable & (v - mirror > sigma * noise
-                        + tolerance * np.maximum(mirror - sky[k], 0.0))
-        rows_out.append(py[hit])
-        cols_out.append(px[hit])
-    if not rows_out:
-        return np.zeros(0, int), np.zeros(0, int)
-    return np.concatenate(rows_out), np.concatenate(cols_out)
-
-
-def _box(shape: tuple[int, int], x: float, y: float, half: float) -> tuple[slice, slice]:
-    ny, nx = shape
-    x0, x1 = max(int(math.floor(x - half)), 0), min(int(math.ceil(x + half)) + 1, nx)
-    y0, y1 = max(int(math.floor(y - half)), 0), min(int(math.ceil(y + half)) + 1, ny)
-    return slice(y0, max(y1, y0)), slice(x0, max(x1, x0))
-
-
 def _local_sky(img: np.ndarray, bad: np.ndarray, x: float, y: float, r_in: float, r_out: float,
                xs: np.ndarray, ys: np.ndarray, self_k: int, fwhm: float,
                clip: float) -> tuple[float, float, int]:
     """Sigma-clipped mean and scatter of an annulus, neighbours' cores masked."""
-    sy, sx = _box(img.shape, x, y, r_out)
+    sy, sx = pixel_box(img.shape, x, y, r_out)
     yy, xx = np.ogrid[sy, sx]  # broadcast: the same d2 as full index grids, less memory
     d2 = (xx - x) ** 2 + (yy - y) ** 2
     use = (d2 >= r_in**2) & (d2 <= r_out**2) & ~bad[sy, sx]
@@ -815,7 +697,7 @@ def _windowed_centroid(img: np.ndarray, bad: np.ndarray, x: float, y: float,
     sig = fwhm / 2.3548
     xi, yi = x, y
     for _ in range(20):
-        sy, sx = _box(img.shape, xi, yi, 2.0 * fwhm)
+        sy, sx = pixel_box(img.shape, xi, yi, 2.0 * fwhm)
         yy, xx = np.mgrid[sy, sx]
         w = np.exp(-((xx - xi) ** 2 + (yy - yi) ** 2) / (2 * sig**2)) * ~bad[sy, sx]
         wf = w * (img[sy, sx] - sky)
@@ -861,7 +743,7 @@ def _any_in_circle(flagged: np.ndarray, x: np.ndarray, y: np.ndarray, r: float) 
     if not flagged.any():
         return out
     for k in range(len(x)):
-        sy, sx = _box(flagged.shape, x[k], y[k], r)
+        sy, sx = pixel_box(flagged.shape, x[k], y[k], r)
         sub = flagged[sy, sx]
         if sub.any():
             yy, xx = np.mgrid[sy, sx]
