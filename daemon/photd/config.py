@@ -181,6 +181,9 @@ class PhotometryConfig:
     comparison_max_chi2: float = 4.0  # reduced chi^2 above which a comparison "varies"
     comparison_min_stars: int = 2
     zero_point_clip_sigma: float = 3.0
+    # The target is measured on the detection nearest its position within this
+    # radius (observers' logs round coordinates: the paper's OJ 287 is 12" off).
+    target_search_arcsec: float = 15.0
 
 
 @dataclass(frozen=True)
@@ -200,6 +203,9 @@ class Config:
     catalog: CatalogConfig = field(default_factory=CatalogConfig)
     astrometry: AstrometryConfig = field(default_factory=AstrometryConfig)
     photometry: PhotometryConfig = field(default_factory=PhotometryConfig)
+    # [targets]: name = [ra_deg, dec_deg], the observer's own list; wins over
+    # the catalog, SIMBAD and the log (names compared without case or spaces).
+    targets: dict[str, tuple[float, ...]] = field(default_factory=dict)
     source: str = ""  # the file this came from, for messages
 
     @property
@@ -288,6 +294,12 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("site.latitude_deg: must be within -90..90")
     if cfg.daemon.workers < 0:
         raise ConfigError("daemon.workers: must be >= 0 (0 = number of cores)")
+    for name, radec in cfg.targets.items():
+        if len(radec) != 2 or not (0 <= radec[0] < 360 and -90 <= radec[1] <= 90):
+            raise ConfigError(f"targets.{name}: expected [ra_deg, dec_deg] with 0 <= ra < 360 "
+                              f"and -90 <= dec <= 90, got {list(radec)!r}")
+    if cfg.photometry.target_search_arcsec <= 0:
+        raise ConfigError("photometry.target_search_arcsec: must be > 0")
     for band, cam in cfg.cameras.items():
         if cam.band not in BANDS:
             raise ConfigError(f"cameras.{band}.band: {cam.band!r} is not one of g, r, i")

@@ -30,6 +30,10 @@ FLAGS: dict[int, tuple[str, str]] = {
 }
 
 
+TARGET_AMBIGUOUS = 2048
+TARGET_NOT_FOUND = 4096
+
+
 def decode(flags: int) -> list[str]:
     """The names of the bits set in ``flags`` (lowest first)."""
     return [name for bit, (name, _meaning) in sorted(FLAGS.items()) if int(flags) & bit]

@@ -46,14 +46,21 @@ class Lookups:
         """The target's coordinates: the log's, else SIMBAD's through the cache."""
         if entry.ra_deg is not None and entry.dec_deg is not None:
             return True, (entry.ra_deg, entry.dec_deg)
-        if entry.name in self._names:
-            return True, self._names[entry.name]
-        finished, got = self._lookup(("name", entry.name), self.catalog.resolve_name,
-                                     entry.name)
+        return self.resolved_name(entry.name)
+
+    def resolved_name(self, name: str) -> tuple[bool, tuple[float, float] | None]:
+        """SIMBAD's position for ``name`` through the on-disk cache: (finished, radec or None).
+
+        None when SIMBAD does not know the name or cannot be reached (asked once
+        per daemon run; the cache keeps answers across runs).
+        """
+        if name in self._names:
+            return True, self._names[name]
+        finished, got = self._lookup(("name", name), self.catalog.resolve_name, name)
         if not finished:
             return False, None
-        self._names[entry.name] = None if isinstance(got, BaseException) else got
-        return True, self._names[entry.name]
+        self._names[name] = None if isinstance(got, BaseException) else got
+        return True, self._names[name]
 
     def known_pointing(self, entry: LogEntry) -> tuple[float, float] | None:
         """The log's coordinates, else a name already resolved; never asks."""

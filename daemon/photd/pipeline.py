@@ -41,10 +41,11 @@ from astropy.table import Table
 from astropy.time import Time
 from astropy.wcs import WCS
 
-from photd import __version__, astrometry, calibration, lightcurve, photometry
+from photd import __version__, astrometry, calibration, lightcurve, photometry, targets
 from photd.catalog import catalog_from_sources
 from photd.config import Config, SiteConfig
 from photd.errors import FrameRejected, FrameStop, WaitForCatalog, WaitForLog
+from photd.flags import TARGET_AMBIGUOUS, TARGET_NOT_FOUND
 from photd.headers import airmass, build_header, write_processed
 from photd.obslog import LogEntry
 
@@ -138,6 +139,11 @@ class FrameTask:
     # (``reference`` None: this frame becomes the reference; see relative_reference).
     relative: bool = False
     reference: RelativeReference | None = None
+    # Where the target is measured (photd.targets): the night's decision, or the
+    # best prior position when none is decided yet (the worker refines it on
+    # this frame's detections and returns the evidence in FrameResult.target).
+    target: targets.TargetPosition | None = None
+    target_status: str | None = None  # the decision's status; None: refine here
 
 
 @dataclass(frozen=True)
@@ -169,6 +175,7 @@ class FrameResult:
     measurements: list[dict[str, Any]] = field(default_factory=list)
     zeropoint: dict[str, Any] | None = None
     summary: dict[str, Any] = field(default_factory=dict)
+    target: dict[str, Any] | None = None  # this frame's refinement of the target position
 
 
 def _plain(value: Any) -> Any:
@@ -223,9 +230,10 @@ def process_science(task: FrameTask) -> FrameResult:
         with step("write"):
             result.output = write_frame(header, history, task)
         with step("photometry"):
+            target, result.target = locate_target(sources, sol, target, float(fwhm_px), task)
             result.zeropoint, result.measurements, summary = measure(
                 calibrated, mask, header, exptime_s, sol, stars, target, reference,
-                float(fwhm_px), task)
+                float(fwhm_px), task, (result.target or {}).get("status", task.target_status))
         result.summary = {**asdict(summary), "binning": int(header.get("XBINNING", 1) or 1),
                           "bg_rms": float(bg_rms), "scale_arcsec": sol.scale_arcsec}
     except Exception as exc:  # a bug or an unexpected file must stop this frame only
@@ -477,10 +485,18 @@ def write_frame(header: fits.Header, history: list[str], task: FrameTask) -> str
 def measure(calibrated: np.ndarray, mask: np.ndarray, header: fits.Header, exptime_s: float,
             sol: astrometry.Solution, stars: Table, target: tuple[float, float],
             reference: RelativeReference | None, fwhm_px: float, task: FrameTask,
+            target_status: str | None = None,
             ) -> tuple[dict[str, Any] | None, list[dict[str, Any]], Any]:
-    """Photometry of every star and the target: (zero point, store rows, frame summary)."""
+    """Photometry of every star and the target: (zero point, store rows, frame summary).
+
+    ``target_status`` (:mod:`photd.targets`) flags the target's rows when its
+    position was not confirmed by a detection.
+    """
     gain = task.gain_e_per_adu or 1.0
     rdnoise = task.rdnoise_e or 0.0
+    # A catalog row named like the target IS the target: measured once, as the
+    # target, and never a field or comparison star.
+    stars = stars[~targets.catalog_rows_named(stars, task.entry.name)]
     # relative: where the reference frame's source taken for the target is
     measure_at = tuple(reference.target_radec) if reference is not None else target
     table, summary = photometry.measure_frame(
@@ -497,7 +513,47 @@ def measure(calibrated: np.ndarray, mask: np.ndarray, header: fits.Header, expti
     rows = [{**{k: _plain(row[k]) for k in table.colnames}, "target": task.entry.name,
              "band": task.band, "mjd_mid": mjd_mid, "bjd_tdb": bjd_tdb, "fwhm_px": fwhm_px,
              "airmass": header.get("AIRMASS")} for row in table]
+    doubt = _TARGET_FLAGS.get(target_status or "", 0)
+    for row in rows:
+        if row["star_id"] == task.entry.name:
+            row["flags"] = int(row["flags"]) | doubt
     return zeropoint, rows, summary
+
+
+#: Light-curve flags of a target whose position the detections did not confirm.
+_TARGET_FLAGS = {targets.AMBIGUOUS: TARGET_AMBIGUOUS, targets.NOT_FOUND: TARGET_NOT_FOUND}
+
+
+def locate_target(sources: Table, sol: astrometry.Solution, pointing: tuple[float, float],
+                  fwhm_px: float, task: FrameTask,
+                  ) -> tuple[tuple[float, float], dict[str, Any] | None]:
+    """Where the target is measured on this frame, and (not decided yet) the evidence.
+
+    The night's decision is used as it is. Without one the prior position
+    (configuration, catalog row, SIMBAD or the log) is refined on this frame's
+    detections (:func:`photd.targets.refine`); the main process keeps the first
+    such refinement as the night's decision. A relative series (no catalog)
+    measures where its reference frame put the target.
+    """
+    prior = task.target
+    if prior is None or task.relative:
+        return pointing, None
+    if task.target_status is not None:
+        return (prior.ra_deg, prior.dec_deg), None
+    ra, dec = sol.wcs.all_pix2world(np.asarray(sources["x"], float),
+                                    np.asarray(sources["y"], float), 0)
+    got = targets.refine(prior, ra, dec, search_arcsec=task.cfg.photometry.target_search_arcsec,
+                         fwhm_arcsec=fwhm_px * sol.scale_arcsec)
+    evidence = {"ra_deg": got.ra_deg, "dec_deg": got.dec_deg, "source": prior.source,
+                "catalog_id": prior.catalog_id, "prior_ra_deg": prior.ra_deg,
+                "prior_dec_deg": prior.dec_deg, "status": got.status,
+                "offset_arcsec": _finite_or_none(got.offset_arcsec),
+                "runner_up_arcsec": _finite_or_none(got.runner_up_arcsec)}
+    return (got.ra_deg, got.dec_deg), evidence
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
 
 
 def dark_is_negligible(paths: list[str], bias: np.ndarray | None, exptimes: list[float],

@@ -46,6 +46,7 @@ from photd.obslog import LogEntry
 from photd.pipeline import FrameResult, FrameTask
 from photd.series import RelativeSeries
 from photd.store import Store
+from photd.target_book import TargetBook
 from photd.watcher import is_frame_name, scan
 from photd.workdir import output_path
 
@@ -83,6 +84,7 @@ class Engine:
         self.masters = MasterRebuilds()
         self.series = RelativeSeries(self.store, self.queue, self.log)
         self.curves = PendingCurves(self.store, self.cfg, self.log)
+        self.targets = TargetBook(self.cfg, self.store, self.lookups, self.log)
 
     @property
     def work(self) -> Path:
@@ -262,6 +264,8 @@ class Engine:
                            relative=True, reference=reference)
         else:
             task = self.science_task(frame, entry, out, radec, stars)
+            prior, status = self.targets.for_frame(frame["night"], entry, stars)
+            task = replace(task, target=prior, target_status=status)
         fut = self.pool.submit(pipeline.process_science, task)
         self.inflight.add(fut, ScienceJob(fid, frame["night"], frame["band"], entry.name,
                                           task.masters.version, frame["sha256"]))
@@ -367,6 +371,11 @@ class Engine:
         # with older ones must look stale so that it is measured again
         fields = {"timings": result.timings, "output": result.output,
                   "calib_version": job.calib_version}
+        if result.state == "done" and self.targets.record(job.night, job.target, frame,
+                                                          result.target):
+            # measured before the night's target position was decided, elsewhere
+            self.queue.requeue(fid)
+            return
         if result.state == "done":
             rows = [dict(m, calib_version=job.calib_version) for m in result.measurements]
             relative = bool(result.solution and result.solution.get("relative"))

@@ -130,7 +130,7 @@ def refine(prior: TargetPosition, ra_deg: np.ndarray, dec_deg: np.ndarray, *,
     A catalog, configuration or SIMBAD position is already right to well under
     a FWHM; a log position may be off by the observer's rounding or be the
     pointing. The nearest detection within ``search_arcsec`` is taken when the
-    runner-up is clearly farther: by at least one FWHM and by half the
+    runner-up is clearly farther: by at least one FWHM and by a quarter of the
     nearest's own distance (two sources at similar distances from a rounded
     position cannot be told apart by position alone). Otherwise the prior
     position is kept and the status says why.
@@ -156,7 +156,7 @@ def refine(prior: TargetPosition, ra_deg: np.ndarray, dec_deg: np.ndarray, *,
     nearest = float(d[best])
     runner_up = float(d[order[1]]) if len(order) > 1 else math.nan
     clear = not math.isfinite(runner_up) or (
-        runner_up - nearest >= max(fwhm_arcsec, 0.5 * nearest))
+        runner_up - nearest >= max(fwhm_arcsec, 0.25 * nearest))
     if not clear:
         return Refinement(prior.ra_deg, prior.dec_deg, AMBIGUOUS, nearest, runner_up)
     return Refinement(float(ra[best]), float(dec[best]), REFINED, nearest, runner_up)
