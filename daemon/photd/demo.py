@@ -8,6 +8,7 @@ writes a plot.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import tempfile
@@ -63,14 +64,19 @@ def run_demo(directory: str | None = None, *, small: bool = True, seed: int = 1,
     opts = SimOptions(seed=seed, small=small, science_per_target=frames)
     cfg = _write_config(root)
     print(f"photd demo: night in {root}")
-    print(f"photd demo: starting the daemon (photd run --config {cfg.name} --until-idle 8)")
+    print(f"photd demo: starting the daemon (photd run --config {cfg.name})")
     t0 = time.perf_counter()
-    daemon = subprocess.Popen([sys.executable, "-m", "photd.cli", "run", "--config", str(cfg),
-                               "--until-idle", "8"])
+    # No --until-idle: on a busy machine the daemon could go idle before the
+    # simulated cameras wrote their first frame. The demo knows when the night
+    # is written and then asks the daemon (SIGUSR1) to finish and exit once idle.
+    daemon = subprocess.Popen([sys.executable, "-m", "photd", "run", "--config", str(cfg)])
     try:
         n_exposures = [0]
 
         def progress(msg: str) -> None:
+            if daemon.poll() is not None:
+                raise RuntimeError(f"the daemon exited with status {daemon.returncode} "
+                                   "while the night was being written")
             if msg.startswith("simulate: exposure"):
                 n_exposures[0] += 1
                 if n_exposures[0] % 10 == 0:
@@ -82,10 +88,15 @@ def run_demo(directory: str | None = None, *, small: bool = True, seed: int = 1,
         print(f"photd demo: three cameras write one exposure every {ARRIVAL_S} s "
               f"({'small' if small else 'full-size'} frames)")
         simulate_night(root, opts, arrival_s=ARRIVAL_S, progress=progress)
+        print("photd demo: the night is written; the daemon finishes what is left")
+        daemon.send_signal(signal.SIGUSR1)
         code = daemon.wait()
-    except BaseException:
+    except BaseException as exc:
         daemon.terminate()
         daemon.wait()
+        if isinstance(exc, RuntimeError):
+            print(f"photd demo: {exc}", file=sys.stderr)
+            return 1
         raise
     elapsed = time.perf_counter() - t0
     if code != 0:
@@ -119,19 +130,34 @@ def _compare_with_truth(cfg: Config, truth, target: str) -> None:
 
 
 def _summary(root: Path, cfg_path: Path) -> int:
-    """What ``photd status``, ``tail``, ``plot`` and ``export`` print for the night."""
+    """What ``photd status``, ``tail``, ``plot`` and ``export`` print for the night.
+
+    Returns 1 when no science frame was measured: a demo that shows nothing
+    must not look like a success.
+    """
     cfg = load_config(cfg_path)
     reports.status(cfg)
+    with Store.open_readonly(store_path(cfg.work_dir)) as store:
+        n_done = store.counts().get("done", 0)
+    if n_done == 0:
+        print("photd demo: no science frame was measured; see the daemon's messages above",
+              file=sys.stderr)
+        return 1
     truth = load_truth(root)
     target = TARGETS[1].name
     print(f"\n{target} (r band): differential light curve vs. the simulator's truth")
     reports.tail(cfg, target, band="r", n=40)
     _compare_with_truth(cfg, truth, target)
     plot = root / f"{target}.png"
-    reports.plot(cfg, target, output=str(plot))
     csv = root / f"{target}_r.csv"
-    reports.export(cfg, target, band="r", output=str(csv))
-    print(f"\nphotd demo: light-curve plot {plot}")
-    print(f"photd demo: CSV export {csv}")
-    print(f"photd demo: truth for comparison in {truth.root / 'truth'}")
+    written = []
+    if reports.plot(cfg, target, output=str(plot)) == 0 and plot.is_file():
+        written.append(f"light-curve plot {plot}")
+    if reports.export(cfg, target, band="r", output=str(csv)) == 0 and csv.is_file():
+        written.append(f"CSV export {csv}")
+    print()
+    for line in written:
+        print(f"photd demo: {line}")
+    print(f"photd demo: {n_done} science frames measured; the simulator's truth is in "
+          f"{truth.root / 'truth'}")
     return 0

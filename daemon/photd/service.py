@@ -52,6 +52,12 @@ class _Flags:
     disk_check: bool = True
     housekeeping: bool = False
     stop: bool = False
+    # SIGUSR1: "the night is written, finish it": exit once idle, as --until-idle
+    finish_when_idle: bool = False
+
+
+#: After SIGUSR1, idle this long (s) and the daemon exits.
+FINISH_IDLE_S = 3.0
 
 
 def start_workers(pool: cf.ProcessPoolExecutor, workers: int) -> None:
@@ -142,6 +148,7 @@ def run_daemon(cfg: Config, until_idle_s: float | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGUSR1, lambda _s, _f: setattr(flags, "finish_when_idle", True))
     workers = worker_count(cfg)
     engine = Engine(cfg, store, make_pool(workers), log, roots=roots, catalog=catalog)
     watcher = FolderWatcher(roots, polling=cfg.daemon.observer == "polling",
@@ -208,6 +215,8 @@ def _loop(engine: Engine, watcher: FolderWatcher, flags: _Flags,
             counts = engine.store.counts()
             sd_notify("WATCHDOG=1\nSTATUS=" + ", ".join(f"{k} {v}" for k, v in
                                                         sorted(counts.items())))
+        if flags.finish_when_idle and until_idle_s is None:
+            until_idle_s = FINISH_IDLE_S
         if until_idle_s is not None:
             if engine.idle():
                 idle_since = idle_since or now
