@@ -135,6 +135,16 @@ def _extract(data: np.ndarray, thresh: float, **kw: Any) -> np.ndarray:
 # Fewer confident (10 sigma) stars than this and the PSF cannot be trusted: a frame
 # through thick cloud. Fewer than this could not be solved anyway.
 _MIN_PSF_STARS = 5
+# The main pass's threshold is in units of the unfiltered pixel noise (as SExtractor's
+# DETECT_THRESH) while it is applied to the filtered image, whose noise is only
+# sqrt(sum k^2) of that: a star needs a matched-filter S/N of about
+# detect_sigma * 2 sqrt(pi) sigma_psf, ~50 at 7 px FWHM. A rich field still gives
+# dozens of stars; a sparse one sampled at 5-7 px per FWHM (0.4"/px in 2-3" seeing)
+# kept 5-10 of its ~80 catalog stars and failed too_few_matches. Below this many
+# star-like sources, a deep pass at a true matched-filter S/N of _DEEP_SNR (~2 mag
+# deeper) replaces it; frames with enough stars are detected exactly as before.
+_DEEP_BELOW = 30
+_DEEP_SNR = 8.0
 
 
 def auto_binning(shape: tuple[int, int]) -> int:
@@ -274,9 +284,17 @@ def detect_sources(
         # Gaussian-equivalent FWHM from isophotal moments underestimates a bit; it
         # only sets the filter width, so a rough value is enough.
         fwhm_b = float(np.clip(np.median(2.3548 * np.sqrt(sel["a"] * sel["b"])), 1.5, 12.0))
+        kernel = _gaussian_kernel(fwhm_b)
         objs = _extract(sub, detect_sigma, err=rms_binned, mask=bmask,
                         minarea=max(3, int(0.5 * fwhm_b**2)),
-                        filter_kernel=_gaussian_kernel(fwhm_b), deblend_cont=0.005)
+                        filter_kernel=kernel, deblend_cont=0.005)
+        n_star = int(np.count_nonzero(objs["b"] >= max(0.45, 0.2 * fwhm_b))) if len(objs) else 0
+        if n_star < _DEEP_BELOW:
+            knorm = float(np.sqrt(np.sum(kernel.astype(float) ** 2)))
+            deep = _extract(sub, _DEEP_SNR, err=rms_binned * knorm, mask=bmask, minarea=3,
+                            filter_kernel=kernel, deblend_cont=0.005)
+            if len(deep) and np.count_nonzero(deep["b"] >= max(0.45, 0.2 * fwhm_b)) > n_star:
+                objs = deep
     else:
         # No PSF to measure (clouds, a dome frame): a deep pass with a guessed kernel
         # would return noise and cosmic rays, so only the confident sources are kept.
@@ -307,12 +325,14 @@ def detect_sources(
     if saturation is not None and n:
         saturated = np.asarray(objs["peak"] + bkg.back()[objs["ycpeak"], objs["xcpeak"]],
                                float) / b**2 >= 0.9 * saturation
-    # Isolated: no other detection within 4 FWHM.
+    # Isolated: no other star-like detection within 4 FWHM (the cosmic rays a deep pass
+    # picks up do not make a neighbour).
     isolated = np.ones(n, bool)
-    if n > 1:
-        tree = cKDTree(np.column_stack([xb, yb]))
-        d, _ = tree.query(np.column_stack([xb, yb]), k=2)
-        isolated = d[:, 1] > 4.0 * fwhm_b
+    stars_xy = np.column_stack([xb, yb])[~sharp] if n else np.zeros((0, 2))
+    if len(stars_xy) > 1:
+        d, _ = cKDTree(stars_xy).query(np.column_stack([xb, yb]), k=2)
+        # A star finds itself first; a sharp detection's nearest star is its neighbour.
+        isolated = np.where(sharp, d[:, 0], d[:, 1]) > 4.0 * fwhm_b
     tab = Table()
     tab["x"] = b * np.asarray(xb, float) + (b - 1) / 2.0
     tab["y"] = b * np.asarray(yb, float) + (b - 1) / 2.0
