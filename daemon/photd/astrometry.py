@@ -388,8 +388,8 @@ def detect_sources(
 # ---------------------------------------------------------------------------
 
 def _usable(sources: Table) -> np.ndarray:
-    """Rows that look like stars (not cosmic rays, not saturated)."""
-    ok = np.ones(len(sources), bool)
+    """Rows that look like stars (finite position, not cosmic rays, not saturated)."""
+    ok = np.isfinite(np.asarray(sources["x"], float)) & np.isfinite(np.asarray(sources["y"], float))
     for col in ("sharp", "saturated"):
         if col in sources.colnames:
             ok &= ~np.asarray(sources[col], bool)
@@ -690,9 +690,12 @@ def _fit_clipped(xy: np.ndarray, sky: SkyCoord, pos_err: np.ndarray, *, shape: t
 
 def _pos_err(sources: Table, fwhm_px: float) -> np.ndarray:
     """Centroid errors (px); equal weights when the detector gave none."""
+    fallback = max(0.05 * fwhm_px, 0.01)
     if "pos_err" in sources.colnames:
-        return np.asarray(sources["pos_err"], float)
-    return np.full(len(sources), max(0.05 * fwhm_px, 0.01))
+        e = np.asarray(sources["pos_err"], float)
+        # An unknown error (NaN) weighs the star as a poor one, not as NaN.
+        return np.where(np.isfinite(e) & (e > 0), e, 5.0 * fallback)
+    return np.full(len(sources), fallback)
 
 
 def _centre_world(wcs: WCS, shape: tuple[int, int]) -> tuple[float, float]:
