@@ -15,7 +15,11 @@ The steps, each callable on its own:
 3. :func:`solve` matches the sources to catalog stars projected through the
    header's guess WCS with triangle invariants (a similarity transform voted
    for by many triangle pairs), refines the match by iterative nearest
-   neighbours and fits a TAN (optionally TAN-SIP) WCS.
+   neighbours and fits a TAN (optionally TAN-SIP) WCS. A fit must then prove
+   itself (:func:`_gate`, :func:`_verify`): residuals of centroid size, its own
+   uncertainty small everywhere on the frame, the brightest catalog stars it
+   predicts landing on detections far beyond chance, scale, skew, parity and
+   rotation as configured. Numerical failures are ``BadFit("fit_failed")``.
 4. :func:`relative_solution` registers a frame to an earlier solved frame of
    the same field when the catalog is unreachable.
 
