@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import math
 
 import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.stats import sigma_clipped_stats
+from astropy.wcs import WCS
 
 from photd.simulate import (
     CAMERAS,
@@ -176,3 +178,40 @@ def test_pointing_log_is_half_an_arcminute_to_a_minute_from_the_target() -> None
             logged = SkyCoord(ra, dec, unit=(u.hourangle, u.deg))
             true = SkyCoord(tgt.ra_text, tgt.dec_text, unit=(u.hourangle, u.deg))
             assert 29.0 < logged.separation(true).arcsec < 61.0
+
+def test_default_night_is_unchanged_by_the_camera_options():
+    # Fingerprints of the default night (seed 7) from before SimOptions grew camera
+    # options: the sky and one rendered science frame, byte for byte.
+    import hashlib
+
+    opts = SimOptions(seed=7, small=True, science_per_target=8)
+    sky = make_sky(opts).table
+    assert len(sky) == 1057 and int(sky["in_catalog"].sum()) == 612
+    assert float(np.sum(sky["ra"])) == 91013.40669150367
+    job = next(j for j in build_jobs(opts, make_sky(opts), plan_night(opts))
+               if j.plan.kind == "object" and j.band == "r")
+    assert hashlib.sha256(render(job)[0]).hexdigest() == (
+        "5ec9a73d605ffbf638548a95ae48b09b284ec6a652c14f3d7ba62ab94bff7a6a")
+
+
+def test_another_camera_has_its_scale_frame_size_and_catalog_depth():
+    opts = SimOptions(seed=3, pixel_scale_arcsec=0.43, frame_shape=(684, 502),
+                      catalog_depth_mag=21.9, science_per_target=4)
+    assert opts.shape == (684, 502)
+    sky = make_sky(opts)
+    job = next(j for j in build_jobs(opts, sky, plan_night(opts))
+               if j.plan.kind == "object" and j.band == "r" and not j.plan.defect)
+    w = WCS(fits.Header(job.truth.wcs))
+    scale = math.sqrt(abs(np.linalg.det(w.pixel_scale_matrix))) * 3600
+    assert scale == pytest.approx(0.43, rel=1e-6)
+    assert job.truth.fwhm_px == pytest.approx(job.truth.fwhm_arcsec / 0.43)
+    data = fits.getdata(io.BytesIO(render(job)[0]))
+    assert data.shape == (684, 502)
+    # ~80 catalog stars on a 3.6' x 4.9' frame (r < 21.9 at the default density)
+    cat = sky.table[sky.table["in_catalog"]]
+    x, y = w.world_to_pixel_values(np.asarray(cat["ra"]), np.asarray(cat["dec"]))
+    on = (x > 0) & (x < 502) & (y > 0) & (y < 684)
+    assert 50 < np.count_nonzero(on) < 120
+    assert np.max(cat["r"]) < 21.9
+    with pytest.raises(ValueError, match="faintest"):
+        SimOptions(catalog_depth_mag=23.0)

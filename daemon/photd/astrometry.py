@@ -15,7 +15,11 @@ The steps, each callable on its own:
 3. :func:`solve` matches the sources to catalog stars projected through the
    header's guess WCS with triangle invariants (a similarity transform voted
    for by many triangle pairs), refines the match by iterative nearest
-   neighbours and fits a TAN (optionally TAN-SIP) WCS.
+   neighbours and fits a TAN (optionally TAN-SIP) WCS. A fit must then prove
+   itself (:func:`_gate`, :func:`_verify`): residuals of centroid size, its own
+   uncertainty small everywhere on the frame, the brightest catalog stars it
+   predicts landing on detections far beyond chance, scale, skew, parity and
+   rotation as configured. Numerical failures are ``BadFit("fit_failed")``.
 4. :func:`relative_solution` registers a frame to an earlier solved frame of
    the same field when the catalog is unreachable.
 
@@ -60,7 +64,10 @@ class BadFit(FrameStop):
     reason : str
         Machine-readable reason: ``too_few_sources``, ``too_few_matches``,
         ``high_residual``, ``elongated``, ``double_exposure``, ``bad_scale``,
-        ``large_offset``.
+        ``bad_rotation``, ``large_offset``, ``unverified`` (the fit's other
+        predictions do not land on detections, or its own uncertainty over the
+        frame is too large), ``fit_failed`` (a numerical failure: NaN or
+        degenerate positions, a least-squares solve that did not converge).
     message : str
         A sentence with the evidence.
     """
@@ -136,6 +143,21 @@ def _extract(data: np.ndarray, thresh: float, **kw: Any) -> np.ndarray:
 # Fewer confident (10 sigma) stars than this and the PSF cannot be trusted: a frame
 # through thick cloud. Fewer than this could not be solved anyway.
 _MIN_PSF_STARS = 5
+# The main pass's threshold is in units of the unfiltered pixel noise (as SExtractor's
+# DETECT_THRESH) while it is applied to the filtered image, whose noise is only
+# sqrt(sum k^2) of that: a star needs a matched-filter S/N of about
+# detect_sigma * 2 sqrt(pi) sigma_psf, ~50 at 7 px FWHM. A rich field still gives
+# dozens of stars; a sparse one sampled at 5-7 px per FWHM (0.4"/px in 2-3" seeing)
+# kept 5-10 of its ~80 catalog stars and failed too_few_matches. Below this many
+# star-like sources, a deep pass at a true matched-filter S/N of _DEEP_SNR (~2 mag
+# deeper) replaces it; frames with enough stars are detected exactly as before.
+_DEEP_BELOW = 30
+_DEEP_SNR = 8.0
+# A detection whose peak pixel holds more than this / FWHM_binned^2 of its flux is not
+# a star (a star: ~0.7, with the moment FWHM overestimated by 1.5x still ~1.6).
+_SHARP_CONCENTRATION = 3.5
+# The FWHM is measured on stars whose peak stands this many sigma above the sky.
+_FWHM_MIN_PEAK_SIGMA = 10.0
 
 
 def auto_binning(shape: tuple[int, int]) -> int:
@@ -275,9 +297,17 @@ def detect_sources(
         # Gaussian-equivalent FWHM from isophotal moments underestimates a bit; it
         # only sets the filter width, so a rough value is enough.
         fwhm_b = float(np.clip(np.median(2.3548 * np.sqrt(sel["a"] * sel["b"])), 1.5, 12.0))
+        kernel = _gaussian_kernel(fwhm_b)
         objs = _extract(sub, detect_sigma, err=rms_binned, mask=bmask,
                         minarea=max(3, int(0.5 * fwhm_b**2)),
-                        filter_kernel=_gaussian_kernel(fwhm_b), deblend_cont=0.005)
+                        filter_kernel=kernel, deblend_cont=0.005)
+        n_star = int(np.count_nonzero(objs["b"] >= max(0.45, 0.2 * fwhm_b))) if len(objs) else 0
+        if n_star < _DEEP_BELOW:
+            knorm = float(np.sqrt(np.sum(kernel.astype(float) ** 2)))
+            deep = _extract(sub, _DEEP_SNR, err=rms_binned * knorm, mask=bmask, minarea=3,
+                            filter_kernel=kernel, deblend_cont=0.005)
+            if len(deep) and np.count_nonzero(deep["b"] >= max(0.45, 0.2 * fwhm_b)) > n_star:
+                objs = deep
     else:
         # No PSF to measure (clouds, a dome frame): a deep pass with a guessed kernel
         # would return noise and cosmic rays, so only the confident sources are kept.
@@ -303,17 +333,25 @@ def detect_sources(
     # Cosmic rays and hot pixels are much narrower than any star: their moments are
     # those of one or two pixels.
     sharp = bb < max(0.45, 0.2 * fwhm_b)
+    if n:
+        # ... and far more concentrated: a star's peak holds ~0.7/FWHM^2 of its flux, a
+        # hot pixel or a cosmic-ray hit most of it. (The moments of a faint detection
+        # are those of its noisy footprint, so b alone lets single pixels through.)
+        sharp |= np.asarray(objs["peak"], float) > np.maximum(
+            _SHARP_CONCENTRATION / fwhm_b**2 * np.asarray(flux, float), 0.0)
     peak = (np.asarray(objs["peak"], float) / b**2) if n else np.zeros(0)
     saturated = np.zeros(n, bool)
     if saturation is not None and n:
         saturated = np.asarray(objs["peak"] + bkg.back()[objs["ycpeak"], objs["xcpeak"]],
                                float) / b**2 >= 0.9 * saturation
-    # Isolated: no other detection within 4 FWHM.
+    # Isolated: no other star-like detection within 4 FWHM (the cosmic rays a deep pass
+    # picks up do not make a neighbour).
     isolated = np.ones(n, bool)
-    if n > 1:
-        tree = cKDTree(np.column_stack([xb, yb]))
-        d, _ = tree.query(np.column_stack([xb, yb]), k=2)
-        isolated = d[:, 1] > 4.0 * fwhm_b
+    stars_xy = np.column_stack([xb, yb])[~sharp] if n else np.zeros((0, 2))
+    if len(stars_xy) > 1:
+        d, _ = cKDTree(stars_xy).query(np.column_stack([xb, yb]), k=2)
+        # A star finds itself first; a sharp detection's nearest star is its neighbour.
+        isolated = np.where(sharp, d[:, 0], d[:, 1]) > 4.0 * fwhm_b
     tab = Table()
     tab["x"] = b * np.asarray(xb, float) + (b - 1) / 2.0
     tab["y"] = b * np.asarray(yb, float) + (b - 1) / 2.0
@@ -335,7 +373,9 @@ def detect_sources(
     # FWHM at full resolution on the brightest isolated round unsaturated stars.
     fwhm_px = float("nan")
     ok = isolated & ~sharp & ~saturated & (tab["elongation"] < 1.3) & (flux > 0)
-    idx = np.flatnonzero(ok)[:25]
+    # The half-maximum area of a faint star (peak a few sigma) is noise: one pixel.
+    bright = ok & (peak >= _FWHM_MIN_PEAK_SIGMA * background_rms)
+    idx = np.flatnonzero(bright if np.count_nonzero(bright) >= 3 else ok)[:25]
     if len(idx):
         half = int(math.ceil(2.0 * fwhm_b * b))
         local_bkg = bkg.back()[np.clip(np.round(yb[idx]).astype(int), 0, img.shape[0] - 1),
@@ -353,8 +393,8 @@ def detect_sources(
 # ---------------------------------------------------------------------------
 
 def _usable(sources: Table) -> np.ndarray:
-    """Rows that look like stars (not cosmic rays, not saturated)."""
-    ok = np.ones(len(sources), bool)
+    """Rows that look like stars (finite position, not cosmic rays, not saturated)."""
+    ok = np.isfinite(np.asarray(sources["x"], float)) & np.isfinite(np.asarray(sources["y"], float))
     for col in ("sharp", "saturated"):
         if col in sources.colnames:
             ok &= ~np.asarray(sources[col], bool)
@@ -655,9 +695,12 @@ def _fit_clipped(xy: np.ndarray, sky: SkyCoord, pos_err: np.ndarray, *, shape: t
 
 def _pos_err(sources: Table, fwhm_px: float) -> np.ndarray:
     """Centroid errors (px); equal weights when the detector gave none."""
+    fallback = max(0.05 * fwhm_px, 0.01)
     if "pos_err" in sources.colnames:
-        return np.asarray(sources["pos_err"], float)
-    return np.full(len(sources), max(0.05 * fwhm_px, 0.01))
+        e = np.asarray(sources["pos_err"], float)
+        # An unknown error (NaN) weighs the star as a poor one, not as NaN.
+        return np.where(np.isfinite(e) & (e > 0), e, 5.0 * fallback)
+    return np.full(len(sources), fallback)
 
 
 def _centre_world(wcs: WCS, shape: tuple[int, int]) -> tuple[float, float]:
@@ -721,7 +764,7 @@ def _match_and_fit(src_xy: np.ndarray, pos_err: np.ndarray, ref_xy: np.ndarray,
                                 crval=crval, sip_degree=0)
     # Final pass: every catalog star the fitted WCS puts near a detection.
     ref_px = np.column_stack(wcs.world_to_pixel(ref_sky))
-    si, ri = _pair_nearest(src_xy, ref_px, max(2.0, 0.25 * fwhm_px))
+    si, ri = _pair_nearest(src_xy, ref_px, _final_radius(fwhm_px))
     if len(si) < 4:
         return None
     crval = (float(wcs.wcs.crval[0]), float(wcs.wcs.crval[1]))
@@ -794,32 +837,251 @@ def solve(sources: Table, catalog: Table, *, guess: WCS, shape: tuple[int, int],
                      f"frame: wrong field or catalog too shallow")
     ref_xy = np.column_stack([cx[rows], cy[rows]])
     ref_sky = SkyCoord(cra[rows] * u.deg, cdec[rows] * u.deg)
-    fit = _match_and_fit(src_xy, _pos_err(src, fwhm_px), ref_xy, ref_sky, shape=shape,
-                         crval=_centre_world(guess, shape), fwhm_px=fwhm_px, cfg=cfg)
+    pos_err = _pos_err(src, fwhm_px)
+    fit = _safe_match_and_fit(src_xy, pos_err, ref_xy, ref_sky, shape=shape,
+                              crval=_centre_world(guess, shape), fwhm_px=fwhm_px, cfg=cfg)
     if fit is None or len(fit[1]) < cfg.min_matches:
         n = 0 if fit is None else len(fit[1])
+        hint = ""
+        if n < cfg.min_matches:
+            hint = _scale_hint(src_xy, pos_err, cra[rows], cdec[rows], guess=guess, shape=shape,
+                               fwhm_px=fwhm_px, cfg=cfg)
         raise BadFit("too_few_matches",
                      f"{n} of {len(src)} sources matched {len(rows)} catalog stars "
-                     f"(need {cfg.min_matches})")
+                     f"(need astrometry.min_matches = {cfg.min_matches}){hint}")
     wcs, si, ri, res = fit
     sol = _solution(wcs, guess, shape, src_rows[si], rows[ri], src_xy[si], ref_sky[ri], res,
                     relative=False)
-    _gate(sol, guess_scale, cfg)
+    _gate(sol, guess, cfg, fwhm_px=fwhm_px, xy=src_xy[si], pos_err=pos_err[si], shape=shape)
+    _check_verified(sol, wcs, src_xy, ref_sky, shape=shape, fwhm_px=fwhm_px,
+                    radius_px=_final_radius(fwhm_px))
     return sol
 
 
-def _gate(sol: Solution, guess_scale: float, cfg: AstrometryConfig) -> None:
+#: Scale factors tried when nothing matches at the configured scale: binning 1-5 the
+#: header did not say, or a scale configured for another binning.
+_SCALE_SEARCH = (2.0, 0.5, 3.0, 1 / 3, 4.0, 0.25, 5.0, 0.2)
+
+
+def _scale_hint(src_xy: np.ndarray, pos_err: np.ndarray, ra: np.ndarray, dec: np.ndarray, *,
+                guess: WCS, shape: tuple[int, int], fwhm_px: float,
+                cfg: AstrometryConfig) -> str:
+    """What to tell the user when nothing matched: the scale or binning may be wrong.
+
+    Tries the match again with the guess's scale multiplied by a few binning
+    factors; when one of them solves and verifies, the message names the scale
+    found. The frame is rejected all the same: a scale that is not the
+    configured one is a configuration error, not a solution.
+    """
+    base = (f": if the field is right, the pixel scale or binning may be wrong "
+            f"(detector.pixel_scale_arcsec x the binning from detector.binning_keys gives "
+            f"{wcs_scale_arcsec(guess):.4f}\"/px)")
+    ny, nx = shape
+    for f in _SCALE_SEARCH:
+        g = guess.deepcopy()
+        g.wcs.cd = np.asarray(guess.wcs.cd if guess.wcs.has_cd() else
+                              guess.wcs.get_pc() * guess.wcs.cdelt[:, None]) * f
+        g.wcs.set()
+        margin = cfg.max_offset_arcmin * 60.0 / wcs_scale_arcsec(g)
+        x, y = g.all_world2pix(ra, dec, 0)
+        near = (x > -margin) & (x < nx + margin) & (y > -margin) & (y < ny + margin)
+        if np.count_nonzero(near) < cfg.min_matches:
+            continue
+        sky = SkyCoord(ra[near] * u.deg, dec[near] * u.deg)
+        fit = _safe_match_and_fit(src_xy, pos_err, np.column_stack([x[near], y[near]]), sky,
+                                  shape=shape, crval=_centre_world(g, shape), fwhm_px=fwhm_px,
+                                  cfg=cfg)
+        if fit is None or len(fit[1]) < max(cfg.min_matches, 8):
+            continue
+        try:
+            sol = _solution(fit[0], g, shape, fit[1], fit[2], src_xy[fit[1]], sky[fit[2]],
+                            fit[3], relative=False)
+            _gate(sol, g, cfg, fwhm_px=fwhm_px, xy=src_xy[fit[1]], pos_err=pos_err[fit[1]],
+                  shape=shape)
+            _check_verified(sol, fit[0], src_xy, sky, shape=shape, fwhm_px=fwhm_px,
+                            radius_px=_final_radius(fwhm_px))
+        except BadFit:
+            continue
+        return (f"{base}; the frame matches {sol.n_matches} stars at {sol.scale_arcsec:.4f}\"/px "
+                f"({sol.scale_arcsec / wcs_scale_arcsec(guess):.2f} x the configured scale): "
+                f"set detector.pixel_scale_arcsec or detector.binning_keys")
+    return base
+
+
+def _final_radius(fwhm_px: float) -> float:
+    """Radius (px) within which a catalog star the fitted WCS predicts is paired."""
+    return max(2.0, 0.25 * fwhm_px)
+
+
+def _safe_match_and_fit(src_xy: np.ndarray, pos_err: np.ndarray, ref_xy: np.ndarray,
+                        ref_sky: SkyCoord, **kw: Any
+                        ) -> tuple[WCS, np.ndarray, np.ndarray, np.ndarray] | None:
+    """:func:`_match_and_fit` with numerical failures turned into ``BadFit("fit_failed")``.
+
+    Non-finite positions are dropped first (a NaN centroid from a masked star);
+    an SVD that does not converge, a singular system or a non-finite WCS is a
+    fit that failed, never an exception reaching the frame's state.
+    """
+    ok_src = np.all(np.isfinite(src_xy), axis=1) & np.isfinite(pos_err)
+    ok_ref = np.all(np.isfinite(ref_xy), axis=1)
+    if not ok_src.all() or not ok_ref.all():
+        keep_s, keep_r = np.flatnonzero(ok_src), np.flatnonzero(ok_ref)
+        fit = _safe_match_and_fit(src_xy[keep_s], pos_err[keep_s], ref_xy[keep_r],
+                                  ref_sky[keep_r], **kw)
+        if fit is None:
+            return None
+        return fit[0], keep_s[fit[1]], keep_r[fit[2]], fit[3]
+    try:
+        with np.errstate(all="ignore"):
+            fit = _match_and_fit(src_xy, pos_err, ref_xy, ref_sky, **kw)
+    except (np.linalg.LinAlgError, ValueError, FloatingPointError) as exc:
+        raise BadFit("fit_failed", f"the WCS fit failed numerically ({type(exc).__name__}: "
+                     f"{exc}) on {len(src_xy)} sources and {len(ref_xy)} catalog stars") from exc
+    if fit is not None:
+        w = fit[0].wcs
+        if not (np.all(np.isfinite(w.crval)) and np.all(np.isfinite(w.cd))
+                and np.all(np.isfinite(fit[3]))):
+            raise BadFit("fit_failed", f"the WCS fit gave non-finite values from {len(fit[1])} "
+                         f"matches (degenerate positions)")
+    return fit
+
+
+# The quality gate's fixed limits (see _gate and _verify for why these values).
+#: Residual RMS (px) above this fraction of the FWHM: the pairs are not one star each.
+_MAX_RMS_FWHM = 0.1
+#: The fit's own 1-sigma position uncertainty anywhere on the frame, in FWHM.
+_MAX_SIGMA_FWHM = 0.05
+#: Largest difference of the x and y scales, and largest skew (fraction).
+_MAX_SKEW = 0.02
+#: Verification: the chance (log10, binomial tail) that as many of the brightest
+#: catalog stars the WCS puts on the frame land on a detection by accident, less the
+#: three pairs any affine fit can bring into coincidence, must be below this. The
+#: matcher tries up to ~1e5 hypotheses (triangle pairs), hence well below 1e-5.
+_MAX_VERIFY_LOG10_CHANCE = -8.0
+#: Pairs an affine fit (6 parameters) makes coincide whatever the field.
+_FREE_PAIRS = 3
+
+
+def _gate(sol: Solution, guess: WCS, cfg: AstrometryConfig, *, fwhm_px: float,
+          xy: np.ndarray, pos_err: np.ndarray, shape: tuple[int, int]) -> None:
+    """Reject a fit that is not good enough or not consistent with the configuration."""
+    guess_scale = wcs_scale_arcsec(guess)
     if sol.n_matches < cfg.min_matches:
-        raise BadFit("too_few_matches", f"{sol.n_matches} matches (need {cfg.min_matches})")
+        raise BadFit("too_few_matches", f"{sol.n_matches} matches (need "
+                     f"astrometry.min_matches = {cfg.min_matches})")
     if not sol.rms_arcsec <= cfg.max_rms_arcsec:
         raise BadFit("high_residual", f"fit RMS {sol.rms_arcsec:.2f}\" > "
-                     f"{cfg.max_rms_arcsec}\" over {sol.n_matches} stars")
+                     f"astrometry.max_rms_arcsec = {cfg.max_rms_arcsec}\" over "
+                     f"{sol.n_matches} stars")
+    rms_px = sol.rms_arcsec / sol.scale_arcsec
+    if not rms_px <= _MAX_RMS_FWHM * fwhm_px:
+        # Centroids are good to a few hundredths of the FWHM: residuals of a tenth of it
+        # are pairs of different stars (a chance fit), not centroid errors.
+        raise BadFit("high_residual", f"fit RMS {rms_px:.2f} px > {_MAX_RMS_FWHM} FWHM "
+                     f"({_MAX_RMS_FWHM * fwhm_px:.2f} px) over {sol.n_matches} stars: residuals "
+                     f"far beyond the centroid errors (median {np.median(pos_err):.3f} px)")
     if abs(sol.scale_arcsec / guess_scale - 1) > cfg.scale_tolerance:
         raise BadFit("bad_scale", f"fitted scale {sol.scale_arcsec:.4f}\"/px is more than "
-                     f"{cfg.scale_tolerance:.0%} from the expected {guess_scale:.4f}\"/px")
+                     f"astrometry.scale_tolerance = {cfg.scale_tolerance:.0%} from the expected "
+                     f"{guess_scale:.4f}\"/px (detector.pixel_scale_arcsec x binning)")
+    sx, sy = proj_plane_pixel_scales(sol.wcs.celestial)
+    cd = sol.wcs.celestial.pixel_scale_matrix
+    skew = abs(float(np.dot(cd[:, 0], cd[:, 1]))) / float(sx * sy)
+    if abs(sx / sy - 1) > _MAX_SKEW or skew > _MAX_SKEW:
+        raise BadFit("bad_scale", f"fitted x/y scales differ by {abs(sx / sy - 1):.1%} and "
+                     f"the axes are skewed by {skew:.1%} (limit {_MAX_SKEW:.0%}): not a camera")
+    if np.sign(np.linalg.det(cd)) != np.sign(np.linalg.det(guess.celestial.pixel_scale_matrix)):
+        raise BadFit("bad_scale", "fitted WCS is mirrored against the header's "
+                     "(detector.parity)")
+    drot = (sol.rotation_deg - wcs_rotation_deg(guess) + 180.0) % 360.0 - 180.0
+    if abs(drot) > cfg.max_rotation_deg:
+        raise BadFit("bad_rotation", f"fitted rotation is {drot:+.2f} deg from the header's "
+                     f"(limit astrometry.max_rotation_deg = {cfg.max_rotation_deg})")
     if sol.offset_arcsec > cfg.max_offset_arcmin * 60.0:
         raise BadFit("large_offset", f"pointing off by {sol.offset_arcsec / 60:.1f}' > "
-                     f"{cfg.max_offset_arcmin}'")
+                     f"astrometry.max_offset_arcmin = {cfg.max_offset_arcmin}'")
+    sigma = _fit_sigma_px(xy, np.column_stack([sol.matches["dx"], sol.matches["dy"]]),
+                          pos_err, shape)
+    if not sigma <= _MAX_SIGMA_FWHM * fwhm_px:
+        # A few stars bunched in one part of the frame fix it there and nowhere else.
+        raise BadFit("unverified", f"the fit from {sol.n_matches} stars is uncertain by up to "
+                     f"{sigma:.2f} px on the frame (> {_MAX_SIGMA_FWHM} FWHM = "
+                     f"{_MAX_SIGMA_FWHM * fwhm_px:.2f} px): too few or too bunched stars")
+
+
+def _fit_sigma_px(xy: np.ndarray, res: np.ndarray, pos_err: np.ndarray,
+                  shape: tuple[int, int]) -> float:
+    """Largest 1-sigma position error of a linear fit over the frame's corners (px).
+
+    The covariance of the weighted affine fit through ``xy`` (what the TAN fit
+    is, locally), scaled by the observed scatter when that exceeds the centroid
+    errors, propagated to the corners and the centre.
+    """
+    n = len(xy)
+    if n < 4:
+        return float("inf")
+    w = 1.0 / np.maximum(pos_err, 1e-3) ** 2
+    a = np.column_stack([xy, np.ones(n)])
+    try:
+        cov = np.linalg.inv(a.T @ (a * w[:, None]))
+    except np.linalg.LinAlgError:
+        return float("inf")
+    chi2 = float(np.sum(w[:, None] * res**2)) / max(2 * n - 6, 1)
+    ny, nx = shape
+    pts = np.array([[0, 0, 1], [nx - 1, 0, 1], [0, ny - 1, 1], [nx - 1, ny - 1, 1],
+                    [(nx - 1) / 2, (ny - 1) / 2, 1]], float)
+    var = np.einsum("ij,jk,ik->i", pts, cov, pts) * max(chi2, 1.0)
+    # Per axis -> radial (two axes).
+    return float(np.sqrt(2.0 * np.max(var))) if np.all(np.isfinite(var)) else float("inf")
+
+
+def _binom_log10_tail(k: int, n: int, p: float) -> float:
+    """log10 P(X >= k) for X ~ Binomial(n, p)."""
+    from scipy.stats import binom
+
+    if k <= 0:
+        return 0.0
+    v = float(binom.logsf(k - 1, n, min(max(p, 1e-12), 1.0)))
+    return v / math.log(10.0)
+
+
+def _verify(wcs: WCS, src_xy: np.ndarray, ref_sky: SkyCoord, *, shape: tuple[int, int],
+            fwhm_px: float, radius_px: float) -> tuple[int, int, float, float]:
+    """Do the fit's predictions of the brightest catalog stars land on detections?
+
+    As astrometry.net verifies a hypothesis: the brightest catalog stars the
+    WCS puts on the frame (as many as there are detections, at least 10) are
+    looked up among the detections; a right WCS puts a good fraction of them
+    within ``radius_px`` of one, a wrong one only as many as chance allows
+    (the detections' coverage of the frame).
+
+    Returns (landed, predicted, chance probability per star, log10 binomial
+    tail of landing that many by chance).
+    """
+    ny, nx = shape
+    px = np.column_stack(wcs.world_to_pixel(ref_sky))
+    edge = max(1.0, 0.5 * fwhm_px)
+    inside = np.all(np.isfinite(px), axis=1) & (px[:, 0] > edge) & (px[:, 0] < nx - 1 - edge) \
+        & (px[:, 1] > edge) & (px[:, 1] < ny - 1 - edge)
+    pred = px[inside][:max(len(src_xy), 10)]  # ref_sky is brightest first
+    if len(pred) == 0 or len(src_xy) == 0:
+        return 0, len(pred), 1.0, 0.0
+    d, _ = cKDTree(src_xy).query(pred)
+    landed = int(np.count_nonzero(d < radius_px))
+    chance = min(1.0, len(src_xy) * math.pi * radius_px**2 / float(nx * ny))
+    return landed, len(pred), chance, _binom_log10_tail(landed - _FREE_PAIRS, len(pred), chance)
+
+
+def _check_verified(sol: Solution, wcs: WCS, src_xy: np.ndarray, ref_sky: SkyCoord, *,
+                    shape: tuple[int, int], fwhm_px: float, radius_px: float) -> None:
+    landed, predicted, chance, log_p = _verify(wcs, src_xy, ref_sky, shape=shape,
+                                               fwhm_px=fwhm_px, radius_px=radius_px)
+    if not log_p <= _MAX_VERIFY_LOG10_CHANCE:
+        raise BadFit("unverified", f"{landed} of the {predicted} brightest catalog stars the "
+                     f"fit puts on the frame land on a detection; with {_FREE_PAIRS} any fit "
+                     f"makes and {chance:.4f} per star by chance, that is 1 in 10^{-log_p:.1f} "
+                     f"(need 10^{-_MAX_VERIFY_LOG10_CHANCE:.0f}): the {sol.n_matches} matches "
+                     f"do not prove the fit")
 
 
 def relative_solution(sources: Table, reference_sources: Table, reference_wcs: WCS, *,
@@ -865,9 +1127,10 @@ def relative_solution(sources: Table, reference_sources: Table, reference_wcs: W
     ref_xy = np.column_stack([np.asarray(reference_sources["x"], float)[ref_use],
                               np.asarray(reference_sources["y"], float)[ref_use]])
     ref_sky = reference_wcs.pixel_to_world(ref_xy[:, 0], ref_xy[:, 1])
-    fit = _match_and_fit(src_xy, _pos_err(sources[use], fwhm_px), ref_xy, ref_sky,
-                         shape=shape, crval=_centre_world(reference_wcs, shape),
-                         fwhm_px=fwhm_px, cfg=cfg)
+    pos_err = _pos_err(sources[use], fwhm_px)
+    fit = _safe_match_and_fit(src_xy, pos_err, ref_xy, ref_sky, shape=shape,
+                              crval=_centre_world(reference_wcs, shape), fwhm_px=fwhm_px,
+                              cfg=cfg)
     if fit is None or len(fit[1]) < cfg.min_matches:
         n = 0 if fit is None else len(fit[1])
         raise BadFit("too_few_matches", f"{n} sources matched the reference frame's "
@@ -875,5 +1138,6 @@ def relative_solution(sources: Table, reference_sources: Table, reference_wcs: W
     wcs, si, ri, res = fit
     sol = _solution(wcs, reference_wcs, shape, src_rows[si], ref_use[ri], src_xy[si],
                     ref_sky[ri], res, relative=True)
-    _gate(sol, wcs_scale_arcsec(reference_wcs), cfg)
+    _gate(sol, reference_wcs, cfg, fwhm_px=fwhm_px, xy=src_xy[si], pos_err=pos_err[si],
+          shape=shape)
     return sol

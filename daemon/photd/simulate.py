@@ -39,7 +39,7 @@ import os
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -145,6 +145,22 @@ class SimOptions:
     # the log's name, as a chart sequence does); "spaced" (the name spelled
     # as SIMBAD does, "OJ 287"); "none" (not listed, as in a star catalog).
     catalog_targets: str = "name"
+    # Another camera and other fields (the defaults are the 1.26 m's E2V cameras on
+    # high-latitude fields): the unbinned pixel scale of the middle (r) camera, the
+    # others keep their small differences from it; the unbinned frame size (ny, nx);
+    # field stars per arcmin^2 brighter than r = 20 (counts rise 0.25 dex per mag);
+    # the faintest r in the reference catalog (at most 22, the faintest star made).
+    pixel_scale_arcsec: float | None = None  # None = 0.1068"/px (r camera)
+    frame_shape: tuple[int, int] | None = None  # None = FULL_SHAPE
+    star_density: float = 1.5
+    catalog_depth_mag: float = 21.0
+
+    def __post_init__(self) -> None:
+        if not self.catalog_depth_mag <= FAINTEST_MAG:
+            raise ValueError(f"catalog_depth_mag {self.catalog_depth_mag} is fainter than the "
+                             f"faintest simulated star (r = {FAINTEST_MAG})")
+        if self.frame_shape is not None:
+            object.__setattr__(self, "frame_shape", tuple(int(v) for v in self.frame_shape))
 
     @property
     def binning(self) -> int:
@@ -152,7 +168,27 @@ class SimOptions:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (FULL_SHAPE[0] // self.binning, FULL_SHAPE[1] // self.binning)
+        full = FULL_SHAPE if self.frame_shape is None else self.frame_shape
+        return (full[0] // self.binning, full[1] // self.binning)
+
+    @property
+    def sky_radius_arcmin(self) -> float:
+        """Radius of the simulated sky around each target: the frame plus pointing errors."""
+        cams = sim_cameras(self)
+        scale = max(c.pixel_scale_arcsec for c in cams.values()) * self.binning
+        half_diagonal = 0.5 * math.hypot(*self.shape) * scale / 60.0
+        return max(6.0, half_diagonal + 2.0)
+
+
+FAINTEST_MAG = 22.0  # faintest field star simulated (r)
+
+
+def sim_cameras(opts: SimOptions) -> dict[str, Camera]:
+    """The cameras of a night: :data:`CAMERAS`, rescaled to ``opts.pixel_scale_arcsec``."""
+    if opts.pixel_scale_arcsec is None:
+        return CAMERAS
+    f = opts.pixel_scale_arcsec / CAMERAS["r"].pixel_scale_arcsec
+    return {b: replace(c, pixel_scale_arcsec=c.pixel_scale_arcsec * f) for b, c in CAMERAS.items()}
 
 
 @dataclass
@@ -335,12 +371,13 @@ def make_sky(opts: SimOptions) -> Sky:
     variables: dict[str, str] = {}
     for ti, tgt in enumerate(TARGETS):
         c = SkyCoord(tgt.ra_text, tgt.dec_text, unit=(u.hourangle, u.deg))
-        radius_arcmin = 6.0
+        radius_arcmin = opts.sky_radius_arcmin
         area = math.pi * radius_arcmin**2
-        # Cumulative counts N(<m) = 1.5 per arcmin^2 * 10**(0.25 (m - 20)), 12 < r < 22.
-        n_total = rng.poisson(1.5 * 10 ** (0.25 * 2) * area)
+        # Cumulative counts N(<m) = density per arcmin^2 * 10**(0.25 (m - 20)), 12 < r < 22
+        # (density 1.5 by default).
+        n_total = rng.poisson(opts.star_density * 10 ** (0.25 * (FAINTEST_MAG - 20)) * area)
         u01 = rng.uniform(size=n_total)
-        lo, hi = 10 ** (0.25 * (12 - 20)), 10 ** (0.25 * (22 - 20))
+        lo, hi = 10 ** (0.25 * (12 - 20)), 10 ** (0.25 * (FAINTEST_MAG - 20))
         rmag = 20 + 4 * np.log10(lo + u01 * (hi - lo))
         rr = radius_arcmin * np.sqrt(rng.uniform(size=n_total))
         th = rng.uniform(0, 2 * np.pi, size=n_total)
@@ -365,7 +402,7 @@ def make_sky(opts: SimOptions) -> Sky:
     table = Table(rows=rows, names=("id", "ra", "dec", "g", "r", "i", "kind"),
                   dtype=("U24", "f8", "f8", "f8", "f8", "f8", "U8"))
     table["G"] = table["r"] + 0.1 - 0.35 * (table["g"] - table["r"])
-    table["in_catalog"] = table["r"] < 21.0
+    table["in_catalog"] = table["r"] < opts.catalog_depth_mag
     # Plant a variable star the automatic comparison selection would love:
     # bright, unsaturated, close to the target.
     for tgt in TARGETS:
@@ -416,10 +453,14 @@ def star_mags(sky: Sky, band: str, target: str, index: int, mjd: float) -> np.nd
 # ---------------------------------------------------------------------------
 
 @lru_cache(maxsize=6)
-def camera_patterns(seed: int, band: str, binning: int) -> dict[str, np.ndarray]:
-    """True bias pattern (ADU), flat response (mean 1) and hot-pixel dark current (e-/s)."""
+def camera_patterns(seed: int, band: str, binning: int,
+                    shape: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """True bias pattern (ADU), flat response (mean 1) and hot-pixel dark current (e-/s).
+
+    ``shape`` is the frame's (ny, nx) as read out; default: the E2V frame at ``binning``.
+    """
     opts = SimOptions(seed=seed, small=binning != 1)
-    ny, nx = opts.shape
+    ny, nx = opts.shape if shape is None else shape
     cam = CAMERAS[band]
     rng = _rng(opts, 2, BANDS.index(band))
     # Bias: a level, a fixed column pattern and a gentle row gradient.
@@ -548,9 +589,9 @@ class RenderJob:
 
 def render(job: RenderJob) -> tuple[bytes, list[tuple[float, float, float]]]:
     """Render a raw frame; returns its FITS bytes and its cosmic-ray hits (x, y, e-)."""
-    opts, cam, plan, tr = job.opts, CAMERAS[job.band], job.plan, job.truth
+    opts, cam, plan, tr = job.opts, sim_cameras(job.opts)[job.band], job.plan, job.truth
     shape = opts.shape
-    pat = camera_patterns(opts.seed, job.band, opts.binning)
+    pat = camera_patterns(opts.seed, job.band, opts.binning, shape)
     rng = _rng(opts, 3, BANDS.index(job.band), plan.number)
     light = np.zeros(shape, np.float32)
     if plan.kind == "flat":
@@ -581,7 +622,8 @@ def render(job: RenderJob) -> tuple[bytes, list[tuple[float, float, float]]]:
     hdr["FRAMENUM"] = (plan.number, "camera frame counter")
     hdr["EXPTIME"] = (tr.camera_exptime_s, "[s] exposure time (camera)")
     hdr["INSTRUME"] = (f"XL126-{job.band.upper()}", "three-channel imager camera")
-    hdr["DETECTOR"] = ("E2V 2536x3358", "")
+    hdr["DETECTOR"] = ("E2V 2536x3358" if opts.frame_shape is None
+                       else f"SIM {shape[1] * opts.binning}x{shape[0] * opts.binning}", "")
     hdr["XBINNING"] = (opts.binning, "")
     hdr["YBINNING"] = (opts.binning, "")
     hdr["CCD-TEMP"] = (round(float(-100.0 + rng.normal(0, 0.2)), 2), "[C]")
@@ -616,6 +658,7 @@ def build_jobs(opts: SimOptions, sky: Sky, plans: list[FramePlan]) -> list[Rende
     rng = _rng(opts, 5)
     seeing = _seeing_walk(opts, len(plans))
     shape = opts.shape
+    cameras = sim_cameras(opts)
     t = sky.table
     sky_coords = SkyCoord(t["ra"], t["dec"], unit="deg")
     targets = {tg.name: tg for tg in TARGETS}
@@ -643,7 +686,7 @@ def build_jobs(opts: SimOptions, sky: Sky, plans: list[FramePlan]) -> list[Rende
             transparency = 0.03
         double_shift = rng.uniform(12, 25, 2) * rng.choice([-1, 1], 2)
         for band in BANDS:
-            cam = CAMERAS[band]
+            cam = cameras[band]
             tr = FrameTruth(
                 path=raw_name(opts, band, plan.number), band=band, number=plan.number,
                 kind=plan.kind, target=plan.target, in_log=plan.in_log, defect=plan.defect,
@@ -856,7 +899,7 @@ def _write_truth(out: Path, opts: SimOptions, sky: Sky, plans: list[FramePlan],
         truth_dir / "frame_stars.ecsv", overwrite=True)
 
     for b in BANDS:
-        pat = camera_patterns(opts.seed, b, opts.binning)
+        pat = camera_patterns(opts.seed, b, opts.binning, opts.shape)
         fits.PrimaryHDU(pat["bias"]).writeto(truth_dir / f"bias_{b}.fits", overwrite=True)
         fits.PrimaryHDU(pat["flat"]).writeto(truth_dir / f"flat_{b}.fits", overwrite=True)
         fits.PrimaryHDU(pat["dark"]).writeto(truth_dir / f"dark_{b}.fits", overwrite=True)
@@ -869,7 +912,7 @@ def _write_truth(out: Path, opts: SimOptions, sky: Sky, plans: list[FramePlan],
         "site": {"lon_deg": 117.577222, "lat_deg": 40.395833, "height_m": 960.0},
         "moffat_beta": MOFFAT_BETA,
         "saturation_adu": SATURATION_ADU,
-        "cameras": {b: asdict(c) for b, c in CAMERAS.items()},
+        "cameras": {b: asdict(c) for b, c in sim_cameras(opts).items()},
         "targets": [
             {"name": tg.name, "ra_text": tg.ra_text, "dec_text": tg.dec_text,
              "log_ra_text": log_coordinates(tg, opts)[0],
