@@ -105,6 +105,15 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class ExportConfig:
+    """What ``photd export`` writes into reports."""
+
+    # AAVSO observer code (#OBSCODE of an AAVSO Extended report); "" = give
+    # --observer-code on the command line.
+    observer_code: str = ""
+
+
+@dataclass(frozen=True)
 class CalibrationConfig:
     """Master calibration building and selection."""
 
@@ -196,6 +205,7 @@ class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     obslog: ObslogConfig = field(default_factory=ObslogConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     catalog: CatalogConfig = field(default_factory=CatalogConfig)
     astrometry: AstrometryConfig = field(default_factory=AstrometryConfig)
@@ -288,6 +298,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("site.latitude_deg: must be within -90..90")
     if cfg.daemon.workers < 0:
         raise ConfigError("daemon.workers: must be >= 0 (0 = number of cores)")
+    code = cfg.export.observer_code
+    if code and not (code.isascii() and code.isalnum()):
+        raise ConfigError(f"export.observer_code: {code!r} is not an AAVSO observer code "
+                          "(letters and digits)")
     for band, cam in cfg.cameras.items():
         if cam.band not in BANDS:
             raise ConfigError(f"cameras.{band}.band: {cam.band!r} is not one of g, r, i")

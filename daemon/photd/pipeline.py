@@ -321,7 +321,7 @@ def process_calibration(task: FrameTask) -> FrameResult:
 def process_science(task: FrameTask) -> FrameResult:
     """Headers, calibration, astrometry and photometry of one science frame."""
     from photd import astrometry, calibration, photometry
-    from photd.headers import write_processed
+    from photd.headers import set_wcs, write_processed
 
     cfg = task.cfg
     cam = cfg.camera(task.band)
@@ -399,7 +399,7 @@ def process_science(task: FrameTask) -> FrameResult:
                 raise FrameRejected("badfit", exc.reason, str(exc)) from exc
             if task.relative:
                 stars = reference_stars(reference)
-        header.update(sol.wcs.to_header(relax=True))
+        set_wcs(header, sol.wcs)  # one WCS in the header: the fit, not the guess beside it
         header["NMATCH"] = (sol.n_matches, "reference frame sources matched" if task.relative
                             else "catalog stars matched")
         if np.isfinite(sol.rms_arcsec):
