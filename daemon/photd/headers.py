@@ -448,7 +448,7 @@ def set_wcs(header: fits.Header, wcs: WCS) -> fits.Header:
         text = " ".join(f"{k}={header[k]:.10g}" for k in keys if isinstance(header[k], float | int))
         text += " " + " ".join(f"{k}={v:.6e}" if isinstance(v, float) else f"{k}={v}"
                                for k, v in old.items())
-        header.add_history(f"photd {__version__}: WCS first guess, replaced by the solution: {text}")
+        header.add_history(f"photd {__version__}: WCS first guess, replaced by the fit: {text}")
     for key in old:
         del header[key]
     for card in wcs.to_header(relax=True).cards:
