@@ -240,7 +240,7 @@ def to_aavso(rows: Sequence[Mapping], *, observer_code: str,
     lines = ["#TYPE=EXTENDED", f"#OBSCODE={code}", f"#SOFTWARE={software[:255]}",
              f"#DELIM={delim}", "#DATE=JD", "#OBSTYPE=CCD"]
     lines += [f"#{c}" for c in comments]
-    for band, check in sorted(check_stars.items()):
+    for band, check in check_stars.items():  # in the caller's band order
         lines.append(f"#photd check star {band}: {check.star_id} ({check.reason})")
     lines.append("#" + delim.join(AAVSO_FIELDS))
 
