@@ -321,3 +321,27 @@ def test_set_wcs_replaces_a_cd_guess_with_a_pc_fit():
     assert np.abs(WCS(header).all_world2pix(sky, 0) - corners).max() < 1e-6
     history = " ".join(str(h) for h in header["HISTORY"]).replace(" ", "")
     assert "CD1_1=-1.500000e-04" in history  # the guess is kept, under another name
+
+
+def test_tail_marks_points_a_new_comparison_ensemble_revised(night, tmp_path):
+    """What ``tail --follow`` shows after the daemon re-derives a curve with a new ensemble."""
+    import sqlite3
+
+    from photd import reports
+    from photd.store import Store
+
+    copy = tmp_path / "photd.sqlite"
+    src, dst = sqlite3.connect(night.work / "photd.sqlite"), sqlite3.connect(copy)
+    src.backup(dst)
+    src.close()
+    shown: dict[int, str] = {}
+    with Store.open_readonly(copy) as store:
+        before, n = reports._tail_text(store, "OJ287", None, 15, shown)
+    assert n == 9 and "revised" not in before
+    dst.execute("UPDATE lightcurve SET ensemble_version = 'new' WHERE band = 'r'")
+    dst.commit()
+    dst.close()
+    with Store.open_readonly(copy) as store:
+        after, _n = reports._tail_text(store, "OJ287", None, 15, shown)
+    assert "3 points revised by a new comparison ensemble" in after
+    assert sum(line.endswith("revised") for line in after.splitlines()) == 3

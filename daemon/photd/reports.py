@@ -360,9 +360,14 @@ def _table(rows: list[dict], revised: set[int] = frozenset()) -> str:
 
 
 def _tail_text(store: Store, target: str, band: str | None, n: int,
-               shown: dict[int, tuple[str, float | None]]) -> tuple[str, int]:
-    """The tail's text and its number of points; ``shown`` remembers what was
-    printed before (frame id -> ensemble version, diff_mag) to mark revisions."""
+               shown: dict[int, str]) -> tuple[str, int]:
+    """The tail's text and its number of points.
+
+    ``shown`` remembers the ensemble version each point had when first shown
+    (frame id -> version): a point derived since with another ensemble (the
+    daemon re-derives the whole curve when it revises the ensemble) is
+    marked ``revised`` for as long as the tail runs.
+    """
     rows = series_rows(store, target, band)
     by_band = _by_band(rows)
     out = [f"{target}: {len(rows)} points"
@@ -373,15 +378,17 @@ def _tail_text(store: Store, target: str, band: str | None, n: int,
                    "points once a log line covers them")
     for b, rs in by_band.items():
         versions = {r["ensemble_version"] for r in rs}
-        revised = {int(r["frame_id"]) for r in rs if int(r["frame_id"]) in shown
-                   and shown[int(r["frame_id"])][0] != r["ensemble_version"]}
+        for r in rs:
+            shown.setdefault(int(r["frame_id"]), r["ensemble_version"])
+        revised = {int(r["frame_id"]) for r in rs
+                   if shown[int(r["frame_id"])] != r["ensemble_version"]}
         comps = ex.comparison_list(rs[-1])
         out.append("")
         out.append(f"== {target} {b}: {len(rs)} points, ensemble "
                    f"{', '.join(sorted(map(str, versions)))} of {len(comps)} stars")
         if revised:
-            out.append(f"   {len(revised)} earlier points revised by a new comparison ensemble "
-                       "(marked 'revised')")
+            out.append(f"   {len(revised)} points revised by a new comparison ensemble since "
+                       "the tail began (marked 'revised')")
         bad = [f for f in store.frames(states=NO_POINT_STATES, band=b) if f["target"] == target]
         if bad:
             out.append(f"   {len(bad)} frames without a point: "
@@ -391,8 +398,6 @@ def _tail_text(store: Store, target: str, band: str | None, n: int,
         key = "mag" if any(ex._finite(r.get("mag")) is not None for r in rs) else "diff_mag"
         out.append(ex.terminal_plot(rs, key=key, height=12 if len(by_band) == 1 else 6)
                    .rstrip("\n"))
-        for r in rs:
-            shown[int(r["frame_id"])] = (r["ensemble_version"], ex._finite(r.get("diff_mag")))
     return "\n".join(out) + "\n", len(rows)
 
 
@@ -403,7 +408,7 @@ def tail(cfg: Config, target: str, *, band: str | None = None, follow: bool = Fa
     Exit status: 0 with points, 1 with none yet (or frames waiting for the
     log that may hold the target), 2 for a target or band the store does not have.
     """
-    shown: dict[int, tuple[str, float | None]] = {}
+    shown: dict[int, str] = {}
     last = None
     while True:
         store = _open(cfg)
