@@ -448,18 +448,20 @@ def _plot_band(ax, band: str, rows: Sequence[Mapping], day0: float,
         ax.plot([], [], ls=":", color="tab:red", label="frame without a point")
     ax.set_ylabel(f"{band} ({'mag' if use_mag else 'diff. mag'})")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize=7)
+    ax.legend(loc="best", fontsize=7, framealpha=0.6)  # "best": never over a point
 
 
 def _plot_comparisons(ax, band: str, curves: Mapping[str, Sequence[tuple]],
                       day0: float) -> None:
-    step = 0.03  # mag between stacked comparison curves
     if not curves:
         ax.text(0.5, 0.5, f"{band}: no comparison curves", transform=ax.transAxes,
                 ha="center", va="center", color="0.5")
         ax.set_yticks([])
         return
-    spread = []
+    # Stacked curves 4 typical scatters apart (at least 0.03 mag) so they do not overlap.
+    rms_all = [float(np.sqrt(np.mean(np.square([c[1] for c in cv])))) for cv in curves.values()
+               if cv]
+    step = max(0.03, round(4 * float(np.median(rms_all)), 2)) if rms_all else 0.03
     for k, (sid, curve) in enumerate(sorted(curves.items())):
         if not curve:
             continue
@@ -469,11 +471,11 @@ def _plot_comparisons(ax, band: str, curves: Mapping[str, Sequence[tuple]],
         ax.errorbar(t, d + k * step, yerr=e, fmt=".", ms=3, lw=0.6, capsize=1.5,
                     color="0.35")
         rms = float(np.sqrt(np.nanmean(d ** 2))) if len(d) else math.nan
-        spread.append(rms)
         ax.annotate(f"{sid} rms {rms * 1000:.0f} mmag", (1.0, k * step),
                     xycoords=("axes fraction", "data"), xytext=(3, 0),
                     textcoords="offset points", fontsize=6, color="0.3", va="center")
-    ax.set_ylim(len(curves) * step, -step)
+    lo = min((c[1] - c[2] for cv in curves.values() for c in cv), default=0.0)
+    ax.set_ylim((len(curves) - 1) * step + step, min(-step, lo - 0.2 * step))
     ax.set_ylabel(f"{band} comparisons\n(star − others, +{step:.2f} each)", fontsize=8)
     ax.grid(alpha=0.3)
 

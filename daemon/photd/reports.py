@@ -159,6 +159,9 @@ def resolve_series(store: Store, target: str, band: str | None) -> tuple[str, st
 def series_rows(store: Store, target: str, band: str | None) -> list[dict]:
     """A target's light-curve rows with the observer's frame number as ``frame``."""
     rows = store.lightcurve(target, band)
+    # By time, then the cameras' order: an exposure reads g, r, i.
+    rows.sort(key=lambda r: (ex._finite(r.get("mjd")) or 0.0, band_order(r["band"]),
+                             r["frame_id"]))
     for r in rows:
         r["frame"] = r.get("frame_number")  # the observer's frame number, not our row id
         r.pop("path", None)  # the raw file: the store's business, not the report's
@@ -220,41 +223,48 @@ def series_stars(store: Store, target: str, band: str, rows: list[dict]) -> Seri
 
 
 def choose_check_star(stars: SeriesStars, rows: list[dict], cfg: Config,
-                      ) -> ex.CheckStar | None:
-    """The check star of a curve: deterministic, from the stars that could be comparisons.
+                      ) -> tuple[ex.CheckStar | None, str]:
+    """The check star of a curve, chosen the same way every time, and why.
 
     Candidates are the stars measured clean on every frame with a point, not
-    in the ensemble (a check inside the ensemble would check nothing) and not
-    the target, with a median error within ``photometry.comparison_max_err_mag``.
-    Among those whose reduced chi^2 against the ensemble is within
-    ``photometry.comparison_max_chi2`` (constant, as a comparison must be), the
-    one nearest the target in magnitude; ties by id. None without candidates.
+    in the ensemble (a check inside the ensemble would check nothing), not
+    the target, with a median error within twice
+    ``photometry.comparison_max_err_mag`` and a reduced chi^2 against the
+    ensemble within ``photometry.comparison_max_chi2`` (constant, as a
+    comparison must be: the field's variables fail here). Of those, the one
+    nearest the target in magnitude; ties by id.
+
+    Returns
+    -------
+    (CheckStar or None, str)
+        The star (None when no star qualifies) and the reason, for the report.
     """
     frames = sorted(stars.ens)
     if not frames:
-        return None
+        return None, "no frame with a point"
     ensemble = {c for r in rows for c in ex.comparison_list(r)}
     t_level = float(np.mean([stars.target_inst[f] for f in frames]))
     pho = cfg.photometry
-    scored = []
-    for sid, meas in stars.inst.items():
+    clean, steady = 0, []
+    for sid, meas in sorted(stars.inst.items()):
         if sid in ensemble or any(f not in meas for f in frames):
             continue
         mags = np.array([meas[f][0] for f in frames])
         errs = np.array([meas[f][1] for f in frames])
-        if float(np.median(errs)) > pho.comparison_max_err_mag:
+        if float(np.median(errs)) > 2 * pho.comparison_max_err_mag:
             continue
+        clean += 1
         d = mags - np.array([stars.ens[f] for f in frames])
-        chi2 = float(np.mean(((d - d.mean()) / errs) ** 2)) * len(d) / max(len(d) - 1, 1)
-        scored.append((chi2 > pho.comparison_max_chi2, round(abs(float(mags.mean()) - t_level),
-                                                             3), sid, chi2))
-    if not scored:
-        return None
-    over, dmag, sid, chi2 = min(scored)
-    why = (f"of {len(scored)} stars clean on all {len(frames)} frames and outside the ensemble, "
-           f"{'the steadiest' if over else 'the nearest in brightness to the target'}: "
-           f"{dmag:.2f} mag from it, reduced chi2 {chi2:.1f} against the ensemble")
-    return ex.CheckStar(sid, why)
+        chi2 = float(np.sum(((d - d.mean()) / errs) ** 2)) / max(len(d) - 1, 1)
+        if chi2 <= pho.comparison_max_chi2:
+            steady.append((round(abs(float(mags.mean()) - t_level), 3), sid, chi2))
+    if not steady:
+        return None, (f"none: of {clean} stars clean on all {len(frames)} frames outside the "
+                      f"ensemble none has reduced chi2 <= {pho.comparison_max_chi2:g}")
+    dmag, sid, chi2 = min(steady)
+    return ex.CheckStar(sid, f"of {len(steady)} steady stars clean on all {len(frames)} frames "
+                             f"outside the ensemble, the nearest in brightness to the target: "
+                             f"{dmag:.2f} mag from it, reduced chi2 {chi2:.1f}"), ""
 
 
 def add_check_star(rows: list[dict], stars: SeriesStars, check: ex.CheckStar | None) -> None:
@@ -470,20 +480,25 @@ def export(cfg: Config, target: str, *, band: str | None = None, fmt: str = "csv
                   else "") + _waiting_note(store), file=sys.stderr)
             return 1
         checks: dict[str, ex.CheckStar] = {}
+        no_check: dict[str, str] = {}
         if fmt != "csv":
             for b, rs in _by_band(rows).items():
                 stars = series_stars(store, name, b, rs)
-                check = choose_check_star(stars, rs, cfg)
+                check, why_not = choose_check_star(stars, rs, cfg)
                 add_check_star(rs, stars, check)
                 if check:
                     checks[b] = check
+                else:
+                    no_check[b] = why_not
         transformed = fmt == "aavso" and _transformed(store, rows)
     if fmt == "csv":
         text = ex.to_csv(rows)
     elif fmt == "ecsv":
         text = ex.to_ecsv(rows, meta={
-            "target": name, "check_stars": {b: {"id": c.star_id, "chosen": c.reason}
-                                            for b, c in checks.items()}})
+            "target": name,
+            "check_stars": {**{b: {"id": c.star_id, "chosen": c.reason}
+                               for b, c in checks.items()},
+                            **{b: {"id": None, "chosen": why} for b, why in no_check.items()}}})
     else:
         text = ex.to_aavso(rows, observer_code=code, software=f"photd {__version__}",
                            transformed=transformed, check_stars=checks, comments=[
@@ -491,7 +506,9 @@ def export(cfg: Config, target: str, *, band: str | None = None, fmt: str = "csv
                                "band (ids in NOTES COMPS); KMAG = check star against the "
                                "same ensemble",
                                "photd TRANS=" + ("YES: colour terms applied" if transformed
-                                                 else "NO: no transformation applied")])
+                                                 else "NO: no transformation applied"),
+                               *(f"photd check star {b}: {why} (KNAME na)"
+                                 for b, why in no_check.items())])
     if output:
         Path(output).write_text(text)
     else:
