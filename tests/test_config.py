@@ -15,6 +15,7 @@ from photd import config as c
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = {"site": c.SiteConfig, "detector": c.DetectorConfig, "paths": c.PathsConfig,
             "daemon": c.DaemonConfig, "obslog": c.ObslogConfig, "output": c.OutputConfig,
+            "export": c.ExportConfig,
             "calibration": c.CalibrationConfig, "catalog": c.CatalogConfig,
             "astrometry": c.AstrometryConfig, "photometry": c.PhotometryConfig}
 

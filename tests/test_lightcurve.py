@@ -18,10 +18,14 @@ from astropy.coordinates import (
 from astropy.table import Table
 from astropy.time import Time
 
+import photd
+from aavso_spec import validate_aavso
 from photd import lightcurve
 from photd.config import PhotometryConfig, SiteConfig
 from photd.export import (
     AAVSO_FIELDS,
+    AAVSO_FILTERS,
+    CheckStar,
     plot_lightcurve,
     terminal_plot,
     to_aavso,
@@ -279,37 +283,67 @@ def test_csv_header_is_exactly_the_contract(curves):
     assert float(parsed[0]["diff_mag"]) == pytest.approx(rows[0]["diff_mag"], abs=1e-4)
 
 
-def test_ecsv_round_trips_with_units(curves):
+def test_ecsv_round_trips_with_times_units_and_integers(curves):
     rows, _info = curves[("OJ287", "i")]
     table = Table.read(to_ecsv(rows, meta={"observer": "test"}), format="ascii.ecsv")
     assert table.colnames[:13] == CONTRACT.split(",")
-    assert str(table["mjd"].unit) == "d" and str(table["mag"].unit) == "mag"
+    assert isinstance(table["mjd"], Time) and table["mjd"].scale == "utc"
+    assert isinstance(table["bjd_tdb"], Time) and table["bjd_tdb"].scale == "tdb"
+    assert table["mjd"][0].mjd == pytest.approx(rows[0]["mjd"], abs=1e-9)
+    assert str(table["mag"].unit) == "mag" and str(table["fwhm_arcsec"].unit) == "arcsec"
+    assert table["frame"].dtype.kind == "i" and table["flags"].dtype.kind == "i"
+    # comparison_ids "a;b;c" stays one string per row
+    assert table["comparison"][0] == rows[0]["comparison_ids"]
     assert table.meta["observer"] == "test"
     assert len(table) == len(rows)
 
 
-def test_aavso_report_has_the_published_fields(curves):
+def test_aavso_report_passes_the_spec_checks(curves):
     rows = curves[("OJ287", "r")][0] + curves[("OJ287", "g")][0]
-    text = to_aavso(rows, observer_code="XLOBS")
-    lines = text.splitlines()
-    params = dict(line[1:].split("=", 1) for line in lines if line.startswith("#") and "=" in line)
-    for key in ("TYPE", "OBSCODE", "SOFTWARE", "DELIM", "DATE", "OBSTYPE"):
-        assert key in params
+    rows = sorted(rows, key=lambda r: (r["mjd"], r["band"]))
+    text = to_aavso(rows, observer_code="XLOBS",
+                    check_stars={"r": CheckStar("F1-0001", "test")})
+    problems, records = validate_aavso(text)
+    assert problems == []
+    params = dict(line[1:].split("=", 1) for line in text.splitlines()
+                  if line.startswith("#") and "=" in line and line[1:].split("=")[0].isupper())
     assert params["TYPE"] == "EXTENDED" and params["DATE"] == "JD"
     assert params["OBSTYPE"] == "CCD" and params["OBSCODE"] == "XLOBS"
+    assert params["SOFTWARE"] == f"photd {photd.__version__}"
     assert list(AAVSO_FIELDS) == AAVSO_PUBLISHED
-    data = [line for line in lines if not line.startswith("#")]
-    assert len(data) == sum(math.isfinite(r["mag"]) for r in rows)
-    for line in data:
-        fields = line.split(params["DELIM"])
-        assert len(fields) == len(AAVSO_PUBLISHED)
-        rec = dict(zip(AAVSO_PUBLISHED, fields, strict=True))
-        assert rec["FILT"] in ("SG", "SR")
-        assert len(rec["NAME"]) <= 30 and len(rec["MAG"]) <= 8 and len(rec["MERR"]) <= 6
-        assert "." in rec["MAG"]
-        assert 2457690 < float(rec["DATE"]) < 2457700  # 2016 Nov 1-2
-        assert rec["TRANS"] in ("YES", "NO") and rec["MTYPE"] in ("STD", "DIF", "ABS")
-        assert all(f != "" for f in fields)  # unknown values are "na", never empty
+    assert len(records) == sum(math.isfinite(r["mag"]) for r in rows)
+    assert {r["FILTER"] for r in records} == {"SG", "SR"}
+    assert {r["TRANS"] for r in records} == {"NO"}  # no transformation was asked for
+    assert {r["CNAME"] for r in records} == {"ENSEMBLE"}
+    # the ensemble's stars are listed (they were always empty: a field-name mismatch)
+    comps = rows[0]["comparison_ids"].split(";")
+    assert comps and all(" ".join(comps) in r["NOTES"] for r in records
+                         if r["FILTER"] == AAVSO_FILTERS[rows[0]["band"]])
+    # g and r of one exposure share a GROUP
+    groups = {}
+    for r in records:
+        groups.setdefault(r["GROUP"], set()).add(r["FILTER"])
+    assert any(v == {"SG", "SR"} for g, v in groups.items() if g != "na")
+
+
+def test_aavso_refuses_a_missing_observer_code_and_a_forbidden_delimiter(curves):
+    rows = curves[("OJ287", "r")][0]
+    with pytest.raises(ValueError, match="observer code"):
+        to_aavso(rows, observer_code="")
+    with pytest.raises(ValueError, match="delim"):
+        to_aavso(rows, observer_code="XLOBS", delim="|")
+
+
+def test_the_spec_checker_catches_what_the_spec_forbids():
+    good = ("#TYPE=EXTENDED\n#OBSCODE=XLO\n#SOFTWARE=photd 0\n#DELIM=,\n#DATE=JD\n"
+            "#OBSTYPE=CCD\nOJ287,2457694.223958,15.381,0.003,SG,NO,STD,ENSEMBLE,na,na,na,"
+            "2.3939,na,na,na\n")
+    assert validate_aavso(good)[0] == []
+    for bad in (good.replace("#DATE=JD", "#DATE=BJD"), good.replace(",SG,", ",g,"),
+                good.replace("15.381", "15"), good.replace(",NO,", ",MAYBE,"),
+                good.replace("ENSEMBLE,na", "ENSEMBLE,12.1"), good.replace("2.3939,", ","),
+                good.replace("#TYPE=EXTENDED\n", ""), good + "\n"):
+        assert validate_aavso(bad)[0], bad
 
 
 def test_plot_is_written_atomically_and_the_terminal_plot_is_small(curves, tmp_path):

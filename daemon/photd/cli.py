@@ -18,6 +18,7 @@ EXAMPLES = """examples:
   photd run --watch night1/raw --work w --catalog night1/catalog.ecsv --until-idle 20
   photd status --work w --json
   photd export OJ287 --band r --format csv -o oj287_r.csv --work w
+  photd export OJ287 --format aavso --observer-code XYZ -o oj287.txt --work w
 """
 
 
@@ -70,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     common(sp)
     sp.add_argument("--json", action="store_true", help="machine-readable output")
 
-    sp = sub.add_parser("tail", help="the newest light-curve points of a target")
+    sp = sub.add_parser("tail", help="the newest light-curve points of a target, a table per "
+                        "band (names match without case or spacing: 'oj 287' is OJ287)")
     common(sp)
     sp.add_argument("target")
     sp.add_argument("--band")
@@ -83,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--band")
     sp.add_argument("--format", choices=("csv", "ecsv", "aavso"), default="csv")
     sp.add_argument("-o", "--output", help="file to write (default: standard output)")
+    sp.add_argument("--observer-code", metavar="CODE", help="AAVSO observer code for "
+                    "--format aavso (default: export.observer_code of the configuration)")
 
     sp = sub.add_parser("plot", help="plot a target's light curve to a PNG")
     common(sp)
@@ -154,7 +158,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return reports.tail(cfg, args.target, band=args.band, follow=args.follow, n=args.n)
     if args.command == "export":
         return reports.export(cfg, args.target, band=args.band, fmt=args.format,
-                              output=args.output)
+                              output=args.output, observer_code=args.observer_code)
     if args.command == "plot":
         return reports.plot(cfg, args.target, band=args.band, output=args.output)
     return 2  # pragma: no cover - argparse rejects unknown commands

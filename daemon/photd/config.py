@@ -105,6 +105,15 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class ExportConfig:
+    """What ``photd export`` writes into reports."""
+
+    # AAVSO observer code (#OBSCODE of an AAVSO Extended report); "" = give
+    # --observer-code on the command line.
+    observer_code: str = ""
+
+
+@dataclass(frozen=True)
 class CalibrationConfig:
     """Master calibration building and selection."""
 
@@ -199,6 +208,7 @@ class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     obslog: ObslogConfig = field(default_factory=ObslogConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     catalog: CatalogConfig = field(default_factory=CatalogConfig)
     astrometry: AstrometryConfig = field(default_factory=AstrometryConfig)
@@ -300,6 +310,10 @@ def _validate(cfg: Config) -> None:
                               f"and -90 <= dec <= 90, got {list(radec)!r}")
     if cfg.photometry.target_search_arcsec <= 0:
         raise ConfigError("photometry.target_search_arcsec: must be > 0")
+    code = cfg.export.observer_code
+    if code and not (code.isascii() and code.isalnum()):
+        raise ConfigError(f"export.observer_code: {code!r} is not an AAVSO observer code "
+                          "(letters and digits)")
     for band, cam in cfg.cameras.items():
         if cam.band not in BANDS:
             raise ConfigError(f"cameras.{band}.band: {cam.band!r} is not one of g, r, i")

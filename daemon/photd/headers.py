@@ -38,6 +38,7 @@ from astropy.coordinates import AltAz, Angle, EarthLocation, SkyCoord
 from astropy.io import fits
 from astropy.time import Time
 from astropy.utils import iers
+from astropy.wcs import WCS
 
 from photd import __version__
 from photd.atomic import atomic_write
@@ -55,6 +56,7 @@ __all__ = [
     "fits_safe",
     "frame_number_from",
     "obs_start",
+    "set_wcs",
     "write_processed",
 ]
 
@@ -437,6 +439,46 @@ def _write_wcs(hdr: fits.Header, ra_deg: float, dec_deg: float, cfg: Config, bin
     hdr["CUNIT2"] = ("deg", "")
     for name, value in zip(("CD1_1", "CD1_2", "CD2_1", "CD2_2"), cd, strict=True):
         hdr[name] = (value, "[deg/px] first guess from the nominal scale")
+
+
+# Cards of a WCS's linear transform and distortion. The FITS standard (WCS
+# paper I, 2.1.2) forbids CDi_j beside PCi_j/CDELTi/CROTAi: a reader that
+# prefers CD would take the first guess and miss the fit by pixels.
+_WCS_LINEAR = re.compile(r"^(CD\d_\d|PC\d_\d|CDELT\d|CROTA\d|PV\d_\d+|PS\d_\d+"
+                         r"|[AB]P?_ORDER|[AB]P?_\d+_\d+|[AB]_DMAX)$")
+# Time cards a WCS carries from the header it was read from: the Table-2
+# values stay as build_header wrote them.
+_WCS_TIME = ("DATE-OBS", "MJD-OBS", "DATE-BEG", "DATE-AVG", "MJD-AVG", "DATE-END")
+
+
+def set_wcs(header: fits.Header, wcs: WCS) -> fits.Header:
+    """Replace the header's WCS with ``wcs``, so it carries one representation.
+
+    The first guess's linear transform (``CDi_j``, or ``PCi_j`` with
+    ``CDELTi``/``CROTAi``) and any distortion cards are removed before the
+    fitted WCS is written (``wcs.to_header(relax=True)``: ``PCi_j`` and
+    ``CDELTi``, SIP when fitted); the guess survives as one HISTORY line.
+    Time cards already in the header are left as they are.
+
+    Returns
+    -------
+    astropy.io.fits.Header
+        ``header``, changed in place.
+    """
+    old = {k: header[k] for k in header if _WCS_LINEAR.match(k)}
+    if old:
+        keys = [k for k in ("CRVAL1", "CRVAL2", "CRPIX1", "CRPIX2") if k in header]
+        text = " ".join(f"{k}={header[k]:.10g}" for k in keys if isinstance(header[k], float | int))
+        text += " " + " ".join(f"{k}={v:.6e}" if isinstance(v, float) else f"{k}={v}"
+                               for k, v in old.items())
+        header.add_history(f"photd {__version__}: WCS first guess, replaced by the fit: {text}")
+    for key in old:
+        del header[key]
+    for card in wcs.to_header(relax=True).cards:
+        if card.keyword in _WCS_TIME and card.keyword in header:
+            continue
+        header[card.keyword] = (card.value, card.comment)
+    return header
 
 
 # --------------------------------------------------------------------------- writing

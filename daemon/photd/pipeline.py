@@ -46,7 +46,7 @@ from photd.catalog import catalog_from_sources
 from photd.config import Config, SiteConfig
 from photd.errors import FrameRejected, FrameStop, WaitForCatalog, WaitForLog
 from photd.flags import TARGET_AMBIGUOUS, TARGET_NOT_FOUND
-from photd.headers import airmass, build_header, write_processed
+from photd.headers import airmass, build_header, set_wcs, write_processed
 from photd.obslog import LogEntry
 
 __all__ = ["SCIENCE_STEPS", "CALIBRATION_STEPS", "FrameRejected", "FrameResult", "FrameTask",
@@ -445,7 +445,7 @@ def record_solution(header: fits.Header, sol: astrometry.Solution,
                     reference: RelativeReference | None, sources: Table, fwhm_px: float,
                     task: FrameTask, history: list[str]) -> dict[str, Any]:
     """Put the fitted WCS into the header; the solution as the store keeps it."""
-    header.update(sol.wcs.to_header(relax=True))
+    set_wcs(header, sol.wcs)
     header["NMATCH"] = (sol.n_matches, "reference frame sources matched" if task.relative
                         else "catalog stars matched")
     if np.isfinite(sol.rms_arcsec):
