@@ -5,8 +5,10 @@ is mixed (a daemon per case would cost minutes). The corpus is generated here
 from the simulated frames, so it needs no binary files in the repository.
 The run has two phases over the same folders:
 
-1. ``daemon.min_free_disk_mb`` far above the free space: intake must pause
-   with a loud ``disk_full`` line and take in nothing;
+1. the work disk reports 50 MB free of 1 TB (``shutil.disk_usage`` replaced in
+   the daemon process: a threshold above the disk's size is now lowered at
+   start, so it cannot fake a full disk): intake must pause with a loud
+   ``disk_full`` line and take in nothing;
 2. the default limit: everything flows. Meanwhile the test holds a long read
    transaction on the store (WAL must keep the writer going), replaces one
    frame while a worker processes it and deletes another one.
@@ -219,9 +221,19 @@ def _config(tmp: Path, night: Path, **daemon: object) -> Path:
     return write_config(path, night, tmp / "work", **{"truncated_timeout_s": 3.0, **daemon})
 
 
-def _photd(cfg: Path, *args: str, log: Path, **kw) -> subprocess.Popen:
+# ``photd run`` on a work disk that says it has 50 MB free of 1 TB.
+_NEARLY_FULL = ("import shutil, sys\n"
+                "from photd.cli import main\n"
+                "shutil.disk_usage = lambda p: shutil._ntuple_diskusage(10**12, "
+                "10**12 - 50 * 10**6, 50 * 10**6)\n"
+                "sys.exit(main(sys.argv[1:]))")
+
+
+def _photd(cfg: Path, *args: str, log: Path, nearly_full: bool = False,
+           **kw) -> subprocess.Popen:
+    start = ["-c", _NEARLY_FULL] if nearly_full else ["-m", "photd.cli"]
     with open(log, "a") as fh:  # the child keeps its own descriptor
-        return subprocess.Popen([sys.executable, "-m", "photd.cli", "run", "--config",
+        return subprocess.Popen([sys.executable, *start, "run", "--config",
                                  str(cfg), *args], stdout=subprocess.DEVNULL, stderr=fh,
                                 **kw)
 
@@ -282,9 +294,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     work = tmp / "work"
     log = tmp / "daemon.log"
 
-    # Phase 1: the work disk is "full" (the limit is above any real free space).
-    cfg1 = _config(tmp, night, min_free_disk_mb=1e12)
-    p = _photd(cfg1, "--until-idle", "2", log=log)
+    # Phase 1: the work disk is nearly full (50 MB free, below the default 1024 MB).
+    cfg1 = _config(tmp, night)
+    p = _photd(cfg1, "--until-idle", "2", log=log, nearly_full=True)
     phase1_rc = p.wait(timeout=120)
     phase1_events = _events(log)
     db = work / "photd.sqlite"
@@ -501,9 +513,10 @@ def test_frame_replaced_while_processed_is_measured_from_its_new_content(run: Ru
 def test_frame_deleted_while_processed_gets_a_state_and_the_night_goes_on(run: Run):
     assert run.deleted, "the victim was never seen in state processing"
     got = run.by_path[run.deleted]
-    # Either the worker had read it (done) or the read failed (failed: unreadable).
+    # Either the worker had read it (done) or the read failed: the file is gone
+    # (failed: vanished; taken again if it comes back, see test_reliability).
     assert (got["state"], (got["reason"] or "").split(":")[0]) in (
-        ("done", ""), ("failed", "unreadable")), got
+        ("done", ""), ("failed", "vanished")), got
     assert run.rc == 0
 
 
@@ -557,7 +570,7 @@ def test_full_work_disk_pauses_intake_loudly_and_takes_in_nothing(run: Run):
     assert run.phase1_frames == 0
     # an operator sees it in `photd status`, with the config key to look at
     assert run.phase1_status_text.startswith("INTAKE PAUSED")
-    assert "daemon.min_free_disk_mb = 1000000000000.0" in run.phase1_status_text
+    assert "daemon.min_free_disk_mb = 1024.0" in run.phase1_status_text
     # then, with room again, the same folder flows (checked by the case tests)
     assert run.status["counts"].get("done", 0) >= 12
     assert "PAUSED" not in run.status_text

@@ -189,6 +189,16 @@ class InFlight:
     def futures(self) -> list[cf.Future]:
         return list(self._jobs)
 
+    def clear(self) -> list[Job]:
+        """Forget every job (their pool is gone); returns them."""
+        jobs = list(self._jobs.values())
+        self._jobs.clear()
+        return jobs
+
+    def frame_ids(self) -> set[int]:
+        """Frames a worker has in hand."""
+        return {j.frame_id for j in self._jobs.values() if not isinstance(j, MasterJob)}
+
     def science_series(self) -> set[tuple[str, str, str]]:
         """(night, band, target) of the science frames being measured."""
         return {j.series for j in self._jobs.values() if isinstance(j, ScienceJob)}

@@ -12,8 +12,29 @@ from typing import Any
 from photd.atomic import atomic_write_text
 from photd.export import plot_lightcurve
 from photd.obslog import slug
-from photd.store import Store
+from photd.store import Store, StoreDamaged, StoreError
 from photd.workdir import backup_path, night_folder, pause_marker
+
+#: The free-space threshold is at most this fraction of the work disk's size: a
+#: threshold near the disk's size would pause intake for good on a small disk.
+MAX_FREE_FRACTION = 0.1
+
+
+def sane_disk_threshold(work: Path, min_free_mb: float, log: Any) -> float:
+    """``daemon.min_free_disk_mb`` checked against the work disk's size at start.
+
+    A threshold above :data:`MAX_FREE_FRACTION` of the disk is lowered to it,
+    with a warning naming the key (the default 1024 MB on a 1 GB card would
+    otherwise never let intake run).
+    """
+    total_mb = shutil.disk_usage(work).total / 1e6
+    cap = round(MAX_FREE_FRACTION * total_mb, 1)
+    if min_free_mb > cap:
+        log.warning("daemon.min_free_disk_mb is more than the work disk can ever have free: "
+                    "lowered", stage="disk", reason="disk_threshold_lowered",
+                    min_free_disk_mb=min_free_mb, disk_mb=round(total_mb, 1), used_mb=cap)
+        return cap
+    return min_free_mb
 
 
 def check_disk(work: Path, min_free_mb: float, paused: bool, log: Any,
@@ -57,13 +78,20 @@ def housekeeping(store: Store, work: Path, log: Any) -> None:
             log.warning("night summary failed", stage="housekeeping", night=night,
                         reason=type(exc).__name__, error=str(exc))
     dest = backup_path(work)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    store.backup(dest)
+    try:
+        # backup() checks the copy (quick_check) before it replaces the newest
+        # backup and rotates the older ones: a damaged store destroys no good copy.
+        store.backup(dest)
+        check = "ok"
+    except StoreDamaged:
+        raise  # the store itself is damaged: the daemon stops; the next start restores
+    except (StoreError, OSError) as exc:
+        check = "not checked"
+        log.error("backup not written", stage="housekeeping", reason="backup_failed",
+                  backup=str(dest), error=str(exc))
     store.checkpoint()
-    check = store.integrity_check()
-    level = "info" if check == "ok" else "error"
-    getattr(log, level)("housekeeping", stage="housekeeping", integrity=check,
-                        backup=str(dest), elapsed_s=round(time.perf_counter() - t0, 3))
+    log.info("housekeeping", stage="housekeeping", integrity=check, backup=str(dest),
+             elapsed_s=round(time.perf_counter() - t0, 3))
 
 
 def night_summary(store: Store, work: Path, night: str) -> Path:

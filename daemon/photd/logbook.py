@@ -1,33 +1,53 @@
 """The observing logs of the watched folders, read once and again when they change.
 
 A frame's log line may be in a log in its own folder or in any folder above
-it up to the watched root; logs grow during the night, so each is re-read
-when its modification time changes, and the frames waiting for a log line
-are looked at again (:meth:`Logbook.take_changes`).
+it up to the outermost watched folder holding it (so the order and nesting of
+``--watch`` folders do not matter); logs grow during the night, so each is
+re-read when its modification time changes, and the frames waiting for a log
+line are looked at again (:meth:`Logbook.take_changes`). Which files of a
+folder are logs is found once per folder and then kept up to date from the
+events, one file at a time: a folder of thousands of files is not read again
+at every event.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from photd.config import ObslogConfig
-from photd.obslog import LogEntry, ObservingLog, find_logs, merge_logs, read_log
+from photd.obslog import LogEntry, ObservingLog, is_log_file, merge_logs, read_log
 
 #: Suffixes a log file may have (an event on such a file may be a new log).
 LOG_SUFFIXES = (".log", ".txt", ".csv", ".lst", "")
 
 
 def watched_root(path: Path, roots: list[Path]) -> Path | None:
-    """The watched folder ``path`` lies in, or None."""
-    for root in roots:
-        try:
-            path.relative_to(root)
-            return root
-        except ValueError:
-            continue
-    return None
+    """The outermost watched folder ``path`` lies in, or None.
+
+    Outermost, whatever the order of the ``--watch`` flags: with
+    ``--watch NIGHT/g --watch NIGHT`` a frame in ``NIGHT/g`` finds the log
+    in ``NIGHT``.
+    """
+    holding = [root for root in roots if path.is_relative_to(root)]
+    return min(holding, key=lambda r: len(r.parts), default=None)
+
+
+def storable(path: str | Path) -> str:
+    """``path`` as text SQLite and JSON can hold: bytes that are not UTF-8 as ``\\xNN``."""
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return os.fsencode(text).decode("utf-8", errors="backslashreplace")
+
+
+def is_storable(path: str | Path) -> bool:
+    """True if the name is valid UTF-8 (a name that is not cannot be a frame's identity)."""
+    return storable(path) == os.fspath(path)
 
 
 class Logbook:
@@ -38,9 +58,9 @@ class Logbook:
         self.roots = roots
         self.log = log
         self._parsed: dict[Path, tuple[float, ObservingLog]] = {}
-        # Which files of a folder are logs (find_logs reads every candidate): kept
-        # until a non-frame file changes or a rescan, the only ways a log appears.
-        self._found: dict[Path, list[Path]] = {}
+        # Which files of a folder are logs: found once (every candidate read), then
+        # kept up to date one file per event, and found again at a rescan.
+        self._found: dict[Path, set[Path]] = {}
         # (the merged logs keep their parts alive, so the parts' ids stay unique)
         self._merged: dict[tuple, tuple[tuple, ObservingLog]] = {}
         self._changed = False
@@ -50,8 +70,8 @@ class Logbook:
         out = []
         found = self._found.get(folder)
         if found is None:
-            found = self._found[folder] = find_logs(folder, self.cfg)
-        for p in found:
+            found = self._found[folder] = self._find(folder)
+        for p in sorted(found):
             try:
                 mtime = p.stat().st_mtime
             except OSError:
@@ -69,17 +89,44 @@ class Logbook:
             out.append(cached[1])
         return out
 
-    def read_all(self) -> None:
-        """Every folder of every watched root (a rescan)."""
-        for root in self.roots:
-            for folder in [root, *[p for p in root.rglob("*") if p.is_dir()]]:
-                self.read_folder(folder)
+    def _find(self, folder: Path) -> set[Path]:
+        """The logs of one folder (every file read once: a rescan or a first look)."""
+        try:
+            children = [folder / e.name for e in os.scandir(folder) if e.is_file()]
+        except OSError:
+            return set()
+        return {c for c in children if is_storable(c) and is_log_file(c, self.cfg)}
+
+    def read_all(self, folders: Iterable[Path]) -> None:
+        """Every folder a rescan walked (:func:`photd.watcher.walk`: depth-limited)."""
+        for folder in folders:
+            self.read_folder(folder)
 
     def file_changed(self, path: Path) -> None:
-        """A file that is not a frame changed: it may have become (or stopped being) a log."""
-        self._found.pop(path.parent, None)
-        if path.suffix.lower() in LOG_SUFFIXES and path.is_file():
+        """A file that is not a frame changed: it may have become (or stopped being) a log.
+
+        Only that file is looked at; the folder's other files keep their verdict.
+        """
+        found = self._found.get(path.parent)
+        if found is None:
+            if path.suffix.lower() in LOG_SUFFIXES and path.is_file():
+                self.read_folder(path.parent)  # first look at this folder
+            return
+        was = path in found
+        now = is_storable(path) and is_log_file(path, self.cfg)
+        if now:
+            found.add(path)
+        else:
+            found.discard(path)
+        if now or was:
+            if was and not now:
+                self._parsed.pop(path, None)
+                self._changed = True  # a log went: frames it covered are judged again
             self.read_folder(path.parent)
+
+    def any_log(self) -> bool:
+        """Whether any observing log has been read."""
+        return bool(self._parsed)
 
     def forget_found(self) -> None:
         """Look for log files again everywhere (before a rescan)."""

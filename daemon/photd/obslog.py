@@ -729,16 +729,24 @@ def find_logs(
             children = list(folder.iterdir())
         except OSError:
             continue
-        for child in children:
-            if child.name.lower().endswith(_FITS_SUFFIXES):
-                continue  # frames: skip without reading megabytes
-            if fnmatch.fnmatch(child.name, cfg.name_glob):
-                counts = _line_counts(child, cfg)
-                if counts is not None and (counts[0] > 0 or counts[1] == 0):
-                    found.add(child)
-            elif looks_like_log(child, cfg):
-                found.add(child)
+        found.update(child for child in children if is_log_file(child, cfg))
     return sorted(found)
+
+
+def is_log_file(path: str | Path, cfg: ObslogConfig | None = None) -> bool:
+    """Whether one file is an observing log, by the rules of :func:`find_logs`.
+
+    The daemon asks this of the one file an event names, so a folder of
+    thousands of files is not read again at every event.
+    """
+    cfg = cfg or ObslogConfig()
+    path = Path(path)
+    if path.name.lower().endswith(_FITS_SUFFIXES):
+        return False  # frames: skip without reading megabytes
+    if fnmatch.fnmatch(path.name, cfg.name_glob):
+        counts = _line_counts(path, cfg)
+        return counts is not None and (counts[0] > 0 or counts[1] == 0)
+    return looks_like_log(path, cfg)
 
 
 # --------------------------------------------------------------------------- names

@@ -365,6 +365,7 @@ def calibrate_frame(data: np.ndarray, exptime_s: float,
                     task: FrameTask) -> tuple[np.ndarray, np.ndarray]:
     """The frame minus bias (and dark), divided by the flat; and its bad-pixel mask."""
     cam = task.cfg.camera(task.band)
+    data = mask_non_finite(data, cam.saturation_adu)
     bias = load_master(task.masters.bias)
     flat = load_master(task.masters.flat)
     dark = load_master(task.masters.dark)
@@ -382,6 +383,18 @@ def calibrate_frame(data: np.ndarray, exptime_s: float,
     # No usable master: subtract a robust level so the frame still flows; the
     # measurement is flagged by its calibration version.
     return data - np.float32(np.median(data)), data >= cam.saturation_adu
+
+
+def mask_non_finite(data: np.ndarray, saturation_adu: float) -> np.ndarray:
+    """NaN and Inf pixels (a float camera's dead pixels) set to the saturation level.
+
+    Set there, they are masked exactly like saturated pixels at every step
+    (trimming included) instead of failing the frame in a median or a fit.
+    """
+    bad = ~np.isfinite(data)
+    if not bad.any():
+        return data
+    return np.where(bad, np.float32(saturation_adu), data)
 
 
 def require_pointing_and_stars(task: FrameTask) -> tuple[float, float]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -39,15 +40,15 @@ from photd.frame_queue import (
     ScienceJob,
 )
 from photd.intake import Intake
-from photd.logbook import Logbook, watched_root
+from photd.logbook import Logbook, storable, watched_root
 from photd.lookups import Lookups
 from photd.masters import MasterRebuilds, choose_masters, requeue_stale
 from photd.obslog import LogEntry
 from photd.pipeline import FrameResult, FrameTask
 from photd.series import RelativeSeries
-from photd.store import Store
+from photd.store import Store, store_fault
 from photd.target_book import TargetBook
-from photd.watcher import is_frame_name, scan
+from photd.watcher import MAX_DEPTH, is_frame_name, walk
 from photd.workdir import output_path
 
 
@@ -73,7 +74,12 @@ class Engine:
     catalog: Any = None  # photd.catalog.CatalogSource
     paused: bool = False  # intake paused: the work disk is nearly full
     pool_broken: bool = False  # a worker died; photd.service replaces the pool
+    pool_broken_since: float | None = None
+    pool_renewed_at: float = 0.0
     last_activity: float = field(default_factory=time.monotonic)
+    # Long steps call it (the service answers systemd's watchdog); True: stop requested.
+    heartbeat: Callable[[], bool] = lambda: False
+    min_free_disk_mb: float | None = None  # None: the configured value as it is
 
     def __post_init__(self) -> None:
         self.queue = FrameQueue(self.store)
@@ -85,6 +91,8 @@ class Engine:
         self.series = RelativeSeries(self.store, self.queue, self.log)
         self.curves = PendingCurves(self.store, self.cfg, self.log)
         self.targets = TargetBook(self.cfg, self.store, self.lookups, self.log)
+        self._too_deep: set[Path] = set()  # folders below the depth limit, reported once
+        self._master_crashes: dict[tuple[str, str, str], int] = {}
 
     @property
     def work(self) -> Path:
@@ -154,6 +162,12 @@ class Engine:
             return
         entry, why = self.logbook.entry_for(frame)
         if entry is None:
+            if frame["state"] in ("done", "badfit") and frame["target"]:
+                # Its log line went: its rows leave the light curve and the exports
+                # until the line comes back (then the frame is measured again).
+                self.store.drop_results(fid)
+                self.store.mark_lightcurve_stale(frame["target"], frame["band"])
+                self.curves.add(frame["target"], frame["band"])
             if frame["state"] != "waiting_log" or frame["reason"] != why:
                 self.store.set_state(fid, "waiting_log", why)
                 self.log.info("frame waits for the log", frame=frame["path"],
@@ -185,13 +199,17 @@ class Engine:
         if masters:
             for job, task in self.masters.due(self.store, self.cfg, self.inflight.master_keys()
                                               | self.queue.calibration_keys()):
-                self.inflight.add(self.pool.submit(pipeline.process_master, task), job)
+                fut = self._submit(pipeline.process_master, task)
+                if fut is None:
+                    self.masters.mark(*job.key)  # rebuilt once the pool is replaced
+                    continue
+                self.inflight.add(fut, job)
         limit = max(2 * worker_count(self.cfg), 2)
         busy_series = self.inflight.science_series()
         cal_busy = self.calibration_busy_bands()
         keep: list[int] = []
         for fid in self.queue.drain():
-            if len(self.inflight) >= limit or self.paused:
+            if len(self.inflight) >= limit or self.paused or self.pool_broken:
                 keep.append(fid)
                 continue
             info = self.queue.info(fid)
@@ -208,7 +226,9 @@ class Engine:
                 self.classify(fid)
                 continue
             if entry.is_calibration:
-                self._start_calibration(frame, entry)
+                if not self._start_calibration(frame, entry):
+                    keep.append(fid)
+                    continue
             else:
                 series = (frame["night"], frame["band"], entry.name)
                 if not science or series in busy_series or \
@@ -226,12 +246,33 @@ class Engine:
             self.queue.forget(fid)
         self.queue.keep(keep)
 
-    def _start_calibration(self, frame: dict, entry: LogEntry) -> None:
+    def _submit(self, fn: Callable, task: Any) -> cf.Future | None:
+        """Hand a task to the pool; None when the pool is broken (it is replaced, the
+        frame waits in the queue): a worker killed a moment ago breaks ``submit`` too."""
+        if self.pool is None or self.pool_broken:
+            return None
+        try:
+            return self.pool.submit(fn, task)
+        except (cf.process.BrokenProcessPool, RuntimeError) as exc:
+            self._mark_broken(exc)
+            return None
+
+    def _mark_broken(self, exc: BaseException) -> None:
+        if not self.pool_broken:
+            self.log.error("worker pool broken: it is replaced, its frames retried",
+                           stage="pool", reason=type(exc).__name__, error=str(exc))
+            self.pool_broken = True
+            self.pool_broken_since = time.monotonic()
+
+    def _start_calibration(self, frame: dict, entry: LogEntry) -> bool:
         task = FrameTask(frame["id"], frame["path"], str(output_path(self.work, frame)),
                          frame["band"], frame["frame_number"], frame["night"], entry, self.cfg)
-        fut = self.pool.submit(pipeline.process_calibration, task)
+        fut = self._submit(pipeline.process_calibration, task)
+        if fut is None:
+            return False
         self.inflight.add(fut, CalibrationJob(frame["id"], frame["night"], frame["band"],
                                               entry.kind, frame["sha256"]))
+        return True
 
     def _start_science(self, frame: dict, entry: LogEntry) -> bool | None:
         """Start a science frame: True started, None wait (a look-up runs), False not now."""
@@ -266,7 +307,9 @@ class Engine:
             task = self.science_task(frame, entry, out, radec, stars)
             prior, status = self.targets.for_frame(frame["night"], entry, stars)
             task = replace(task, target=prior, target_status=status)
-        fut = self.pool.submit(pipeline.process_science, task)
+        fut = self._submit(pipeline.process_science, task)
+        if fut is None:
+            return None  # the pool is being replaced: the frame waits its turn
         self.inflight.add(fut, ScienceJob(fid, frame["night"], frame["band"], entry.name,
                                           task.masters.version, frame["sha256"]))
         return True
@@ -307,27 +350,74 @@ class Engine:
             except Exception as exc:  # a worker died (OOM, segfault): fail that frame only
                 self._worker_crash(job, exc)
                 continue
+            self._record(job, result)
+
+    def _record(self, job: Job, result: Any) -> None:
+        """Store what a worker returned; a failure to store it ends that frame only.
+
+        The store's own faults (disk full, a lock held elsewhere, read-only) are
+        not the frame's: they go up to the loop, which retries or stops, and the
+        frame, still ``processing`` in the store, is taken up again.
+        """
+        try:
+            if isinstance(result, FrameResult) and result.state == "failed" \
+                    and result.reason == "unreadable":
+                frame = self.store.frame(job.frame_id)
+                if frame and not os.path.exists(frame["path"]):
+                    # gone while the worker had it: intake takes it again if it comes back
+                    result.reason = "vanished"
             if isinstance(job, CalibrationJob):
                 self.calibration_done(job, result)
             elif isinstance(job, MasterJob):
                 self.master_done(job, result)
             else:
                 self.science_done(job, result)
+        except Exception as exc:
+            if isinstance(exc, OSError) or store_fault(exc):
+                raise
+            why = f"{type(exc).__name__}: {exc}"[:500]
+            if isinstance(job, MasterJob):
+                self.log.error("master not recorded", stage="master", band=job.band,
+                               kind=job.kind, reason=type(exc).__name__, error=why)
+                return
+            self.log.error("frame results not stored: frame failed", stage="store",
+                           frame=job.frame_id, reason=type(exc).__name__, error=why)
+            self.store.set_state(job.frame_id, "failed", why)
 
-    def _worker_crash(self, job: Job, exc: Exception) -> None:
+    #: Tries of one frame whose worker died before it is failed (an OOM frame
+    #: must not break the pool for ever).
+    MAX_ATTEMPTS = 3
+
+    def _worker_crash(self, job: Job, exc: BaseException) -> None:
         """A worker died (killed, out of memory): retry its frame, give up after 3 tries."""
         self.log.error("worker crashed", stage=STAGE_OF[type(job)], reason=type(exc).__name__,
                        error=str(exc))
         if isinstance(exc, cf.process.BrokenProcessPool):
-            self.pool_broken = True
+            self._mark_broken(exc)
+        self.worker_lost(job, type(exc).__name__)
+
+    def worker_lost(self, job: Job, why: str) -> None:
+        """A job whose worker is gone: queued again (bounded), else ``failed`` with the reason."""
         if isinstance(job, MasterJob):
-            self.masters.mark(*job.key)
+            crashes = self._master_crashes.get(job.key, 0) + 1
+            self._master_crashes[job.key] = crashes
+            if crashes <= self.MAX_ATTEMPTS:
+                self.masters.mark(*job.key)
+            else:
+                self.log.error("master rebuild given up: its worker died every time",
+                               stage="master", band=job.band, kind=job.kind,
+                               reason="worker_crash", tries=crashes)
             return
         frame = self.store.frame(job.frame_id)
-        if frame and (frame["attempts"] or 0) < 3:
+        if frame is None:
+            return
+        if (frame["attempts"] or 0) < self.MAX_ATTEMPTS:
             self.queue.requeue(job.frame_id)
         else:
-            self.store.set_state(job.frame_id, "failed", f"worker_crash: {type(exc).__name__}")
+            self.store.set_state(job.frame_id, "failed", f"worker_crash: {why}")
+            self.log.error("frame failed: its worker died every time", frame=frame["path"],
+                           stage=STAGE_OF[type(job)], reason="worker_crash",
+                           tries=frame["attempts"])
 
     def calibration_done(self, job: CalibrationJob, result: FrameResult) -> None:
         frame = self.store.frame(job.frame_id)
@@ -426,8 +516,10 @@ class Engine:
     # ------------------------------------------------------------------ loop helpers
     def rescan(self) -> None:
         """Walk the watched folders: catch anything an event missed."""
+        tree = walk(self.roots)
+        self._report_too_deep(tree.too_deep)
         self.logbook.forget_found()
-        for n, path in enumerate(scan(self.roots)):
+        for n, path in enumerate(tree.files):
             if is_frame_name(path):
                 self.intake_frame(path)
             if n % 16 == 15:
@@ -435,15 +527,57 @@ class Engine:
                 # hashed): keep the workers busy meanwhile.
                 self.dispatch(masters=False, science=False)
                 self.collect(timeout_s=0)
+                if self.heartbeat():
+                    return  # stopping: the next start rescans
         for path in list(self.intake.incomplete):
             self.intake_frame(path)
-        self.logbook.read_all()
+        self.logbook.read_all(tree.folders)
         self.release_if_logs_changed()
         self.lookups.prefetch(self.logbook.entries())
         self.series.catalog_arrived(lambda t: self.lookups.known_cone(
             (self.logbook.target_entries(t) or [None])[0]))
         for f in self.store.frames(states=["waiting_catalog", "arrived"]):
             self.classify(f["id"])
+
+    def _report_too_deep(self, too_deep: list[Path]) -> None:
+        """Warn once about folders nested past the depth limit (their files are not read)."""
+        new = [p for p in too_deep if p not in self._too_deep]
+        if new:
+            self._too_deep.update(new)
+            self.log.warning("folders nested too deep are not looked into", stage="watch",
+                             reason="too_deep", max_depth=MAX_DEPTH, count=len(new),
+                             example=storable(new[0]))
+
+    def recover(self) -> None:
+        """After a fault: rebuild the queue from the store (the journal).
+
+        A step cut short may have taken frames off the queue, or lost a
+        worker's result before it was stored; every frame the store calls
+        ``queued``, ``processing`` or ``arrived`` that no worker has is
+        classified (queued) again.
+        """
+        in_hand = self.inflight.frame_ids()
+        for f in self.store.frames(states=["queued", "processing", "arrived"]):
+            if f["id"] not in in_hand and f["id"] not in self.queue:
+                self.classify(f["id"])
+
+    def went_idle(self) -> None:
+        """Nothing left to do: say so if frames wait for a log while logs exist."""
+        summary = self.waiting_for_log_summary()
+        if summary:
+            self.log.warning(summary, stage="obslog", reason="waiting_log")
+
+    def waiting_for_log_summary(self) -> str | None:
+        """``N frames wait ... (e.g. PATH: WHY)`` when logs were found but do not cover them."""
+        if not self.logbook.any_log():
+            return None
+        waiting = self.store.frames(states=["waiting_log"])
+        if not waiting:
+            return None
+        example = waiting[0]
+        return (f"{len(waiting)} frame(s) wait for an observing log line although logs "
+                f"were found in the watched folders (e.g. {example['path']}: "
+                f"{example['reason']})")
 
     def resume(self) -> None:
         """Start-up: every frame the store has not finished is taken up again."""
@@ -464,8 +598,10 @@ class Engine:
 
     def check_disk(self) -> None:
         """Pause intake when the work disk is nearly full; resume when there is room."""
-        self.paused = housekeeping.check_disk(self.work, self.cfg.daemon.min_free_disk_mb,
-                                              self.paused, self.log, self._resume_intake)
+        min_free = (self.cfg.daemon.min_free_disk_mb if self.min_free_disk_mb is None
+                    else self.min_free_disk_mb)
+        self.paused = housekeeping.check_disk(self.work, min_free, self.paused, self.log,
+                                              self._resume_intake)
 
     def _resume_intake(self) -> None:
         self.paused = False  # before the rescan, which registers nothing while paused

@@ -104,6 +104,23 @@ class StoreDamaged(StoreError):
 BACKUPS_KEPT = 3
 
 
+#: SQLite result codes that say something about the disk or another process, not
+#: about the data being written: the writer retries or stops, no frame is to blame.
+_ENVIRONMENT_CODES = (sqlite3.SQLITE_FULL, sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED,
+                      sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CORRUPT,
+                      sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CANTOPEN)
+
+
+def store_fault(exc: BaseException) -> bool:
+    """True if ``exc`` is SQLite reporting a disk, lock or file problem (not bad data)."""
+    if not isinstance(exc, sqlite3.Error):
+        return False
+    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+    text = str(exc).lower()
+    return code in _ENVIRONMENT_CODES or any(
+        t in text for t in ("disk is full", "is locked", "readonly", "malformed", "disk i/o"))
+
+
 def backup_generations(dest_path: str | os.PathLike[str]) -> list[Path]:
     """The rotating backup files for ``dest_path``, newest first."""
     dest = Path(dest_path)
@@ -707,7 +724,15 @@ class Store:
                 self.conn.execute("ROLLBACK")
             raise
         else:
-            self.conn.execute("COMMIT")
+            try:
+                self.conn.execute("COMMIT")
+            except BaseException:
+                # A COMMIT refused (disk full, a lock held past the busy timeout)
+                # leaves the transaction open: end it, or every later BEGIN fails.
+                if self.conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self.conn.execute("ROLLBACK")
+                raise
         finally:
             self._depth = 0
 
@@ -928,6 +953,11 @@ class Store:
                 updates.setdefault("attempts", (old["attempts"] or 0) + 1)
             self.db["frames"].update(frame_id, updates)
             self._log_state(frame_id, now, state, reason)
+
+    def drop_results(self, frame_id: int) -> None:
+        """Remove a frame's measurements, light-curve rows, zero point and solution."""
+        with self.transaction():
+            self._delete_results(frame_id, solution=True)
 
     def update_frame(self, frame_id: int, **fields: Any) -> None:
         """Set ``frames`` columns without a state transition (no state_log row)."""

@@ -30,6 +30,7 @@ class Completeness:
     ``complete`` is true when the file holds its whole header and data;
     ``reason`` is ``None`` then, else ``empty``, ``partial_header``,
     ``truncated`` (shorter than its header implies), ``not_fits``,
+    ``header_too_large`` (no END card in :data:`MAX_HEADER_BLOCKS` blocks),
     ``unreadable`` or ``outside_watch`` (a link resolving out of the watched
     folders). ``expected_size`` is in bytes when known.
     """
@@ -49,8 +50,21 @@ def is_frame_name(path: str | Path) -> bool:
     return name.endswith(FITS_SUFFIXES)
 
 
+#: A header longer than this (576 kB) is not a camera's: no END card by then means
+#: the file is something else, not a frame still being written.
+MAX_HEADER_BLOCKS = 200
+
+
+class HeaderTooLarge(ValueError):
+    """No END card within :data:`MAX_HEADER_BLOCKS` blocks."""
+
+
 def _header_cards(fh) -> tuple[dict[str, str], int] | None:
-    """Parse raw 80-character cards up to END; returns (cards, header bytes) or None."""
+    """Parse raw 80-character cards up to END; returns (cards, header bytes) or None.
+
+    None: the file ends before END (still being written); raises
+    :class:`HeaderTooLarge` past :data:`MAX_HEADER_BLOCKS` blocks.
+    """
     cards: dict[str, str] = {}
     nbytes = 0
     while True:
@@ -65,8 +79,8 @@ def _header_cards(fh) -> tuple[dict[str, str], int] | None:
                 return cards, nbytes
             if card[8:10] == "= ":
                 cards[key] = card[10:].split("/")[0].strip()
-        if nbytes > 200 * BLOCK:  # no END in 576 kB: not a camera header
-            return None
+        if nbytes >= MAX_HEADER_BLOCKS * BLOCK:  # no END in 576 kB: not a camera header
+            raise HeaderTooLarge(f"no END card in the first {nbytes} bytes of the header")
 
 
 _BITPIX = (8, 16, 32, 64, -32, -64)
@@ -156,6 +170,8 @@ def check_complete(path: str | Path, roots: Iterable[str | Path] | None = None) 
                 if expected >= size:
                     break
                 fh.seek(expected)
+    except HeaderTooLarge as exc:
+        return Completeness(False, "header_too_large", size, message=str(exc))
     except OSError as exc:
         return Completeness(False, "unreadable", 0, message=f"cannot read: {exc.strerror}")
     if size < expected:
