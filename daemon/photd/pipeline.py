@@ -551,12 +551,18 @@ def locate_target(sources: Table, sol: astrometry.Solution, pointing: tuple[floa
     prior = task.target
     if prior is None or task.relative:
         return pointing, None
-    if task.target_status is not None:
-        return (prior.ra_deg, prior.dec_deg), None
     ra, dec = sol.wcs.all_pix2world(np.asarray(sources["x"], float),
                                     np.asarray(sources["y"], float), 0)
+    fwhm_arcsec = fwhm_px * sol.scale_arcsec
+    if task.target_status is not None:
+        # Decided: start from this frame's own detection of the chosen source, so
+        # a frame's result never depends on which frame happened to decide.
+        if task.target_status != targets.REFINED:
+            return (prior.ra_deg, prior.dec_deg), None
+        got = targets.refine(prior, ra, dec, search_arcsec=fwhm_arcsec, fwhm_arcsec=0.0)
+        return (got.ra_deg, got.dec_deg), None
     got = targets.refine(prior, ra, dec, search_arcsec=task.cfg.photometry.target_search_arcsec,
-                         fwhm_arcsec=fwhm_px * sol.scale_arcsec)
+                         fwhm_arcsec=fwhm_arcsec)
     evidence = {"ra_deg": got.ra_deg, "dec_deg": got.dec_deg, "source": prior.source,
                 "catalog_id": prior.catalog_id, "prior_ra_deg": prior.ra_deg,
                 "prior_dec_deg": prior.dec_deg, "status": got.status,
