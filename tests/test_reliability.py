@@ -596,6 +596,8 @@ def test_a_frame_that_vanished_under_a_worker_is_taken_again_when_it_comes_back(
     assert (engine.store.frame(fid)["state"], engine.store.frame(fid)["reason"]) == (
         "failed", "vanished")
     path.write_bytes(blob)  # the same bytes come back
+    assert engine.intake.register(path, queued=()) is None  # settling (a new mtime)
+    time.sleep(engine.cfg.daemon.settle_s + 0.1)
     assert engine.intake.register(path, queued=()) == fid
     assert engine.store.frame(fid)["state"] == "arrived"
     assert engine.store.frame(fid)["sha256"] == sha256_of(path)
