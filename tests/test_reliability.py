@@ -115,6 +115,11 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def _figure(fault: str, **numbers: float) -> None:
+    """One line per fault for the campaign's table (seen with ``pytest -s``)."""
+    print(f"\nFIGURE {fault}: " + ", ".join(f"{k}={v:.2f}" for k, v in numbers.items()))
+
+
 def _wait_for(cond, timeout: float, step: float = 0.02):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -136,8 +141,10 @@ def night(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def reference(night: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The night processed once, undisturbed."""
     cfg = _setup(tmp_path_factory.mktemp("calm"), night, "calm")
+    t0 = time.monotonic()
     p = _photd(cfg, "--until-idle", "3")
     assert p.wait(timeout=600) == 0, _log(cfg)[-3000:]
+    _figure("none (reference night)", night_s=time.monotonic() - t0)
     return {"rows": _rows(cfg.parent / "work"), "work": cfg.parent / "work"}
 
 
@@ -161,6 +168,8 @@ def test_kill_9_of_the_main_process_alone_leaves_no_orphan_and_a_restart_runs(
     orphans_lived_s = time.monotonic() - killed_at
     assert gone, f"workers {workers} outlived the daemon"
     assert again.wait(timeout=600) == 0, _log(cfg)[-3000:]
+    _figure("kill -9 main", orphans_gone_s=orphans_lived_s,
+            night_after_restart_s=time.monotonic() - killed_at)
     assert "another photd is running" not in _log(cfg)
     assert orphans_lived_s < 5
     _same_night(_rows(cfg.parent / "work"), reference["rows"])
@@ -184,8 +193,13 @@ def test_a_worker_killed_while_calibrations_dispatch_leaves_the_night_whole(
     assert hit
     victim = sorted(_children(p.pid))[0]
     os.kill(victim, signal.SIGKILL)  # what the OOM killer does
+    t0 = time.monotonic()
     assert p.wait(timeout=600) == 0, _log(cfg)[-3000:]
     events = _events(cfg)
+    crash = next(e["timestamp"] for e in events if e.get("event") == "worker crashed")
+    renewed = next(e["timestamp"] for e in events if e.get("event") == "worker pool restarted")
+    _figure("worker SIGKILL", pool_back_s=_seconds(renewed) - _seconds(crash),
+            rest_of_night_s=time.monotonic() - t0)
     assert any(e.get("event") == "worker pool restarted" for e in events)
     _same_night(_rows(cfg.parent / "work"), reference["rows"])
 
@@ -202,6 +216,7 @@ def test_sigterm_right_after_a_worker_died_stops_the_daemon_at_once(tmp_path, ni
     rc = p.wait(timeout=120)
     stop_s = time.monotonic() - t0
     assert rc == 0, _log(cfg)[-3000:]
+    _figure("SIGTERM after a worker died", stop_s=stop_s)
     assert stop_s < 35, f"stop took {stop_s:.1f} s"  # STOP_DEADLINE_S + pool teardown
     assert not _children(p.pid)
 
@@ -228,6 +243,9 @@ def test_a_store_lock_held_by_another_process_and_a_deleted_lock_file(
     refused = [e for e in events if e.get("reason") == "locked"]
     assert refused and refused[0]["event"] == "another photd is running on this work folder"
     busy = [e for e in events if e.get("reason") == "store_busy"]
+    cleared = next(e for e in busy if e["event"] == "fault cleared: going on")
+    _figure("store lock held 8 s", retries=len(busy) - 1,
+            fault_to_cleared_s=_seconds(cleared["timestamp"]) - _seconds(busy[0]["timestamp"]))
     assert busy and busy[0]["event"] == "fault in the main loop: retrying"
     assert busy[0]["retry_in_s"] > 0
     _same_night(_rows(work), reference["rows"])
@@ -260,6 +278,7 @@ def test_a_damaged_store_is_restored_from_the_newest_good_backup(tmp_path, refer
     assert restored and restored[0]["backup"] == str(backup)
     assert Path(restored[0]["damaged_copy"]).exists()  # kept aside, never deleted
     _same_night(_rows(work), reference["rows"])
+    _figure("damaged store, good backup", start_to_night_done_s=recovery_s)
     assert recovery_s < 120
 
 
@@ -425,6 +444,7 @@ def test_a_flood_of_junk_files_neither_freezes_the_loop_nor_delays_a_stop(
     assert {k.replace(str(copy), "N"): v for k, v in got["states"].items()} == \
         {k.replace(str(night), "N"): v for k, v in ref["states"].items()}
     assert len(got["measurements"]) == len(ref["measurements"])
+    _figure("3000 junk files", night_s=night_s)
     assert night_s < 300
     # and a stop asked for in the middle of a second flood is heard at once
     p = _photd(cfg)
@@ -437,6 +457,7 @@ def test_a_flood_of_junk_files_neither_freezes_the_loop_nor_delays_a_stop(
     assert p.wait(timeout=120) == 0
     stop_s = time.monotonic() - t0
     writer.join()
+    _figure("SIGTERM during a flood", stop_s=stop_s)
     assert stop_s < 15, f"stop took {stop_s:.1f} s"
 
 
@@ -444,6 +465,12 @@ def test_a_flood_of_junk_files_neither_freezes_the_loop_nor_delays_a_stop(
 
 
 NIGHT = "2016-11-01"
+
+
+def _seconds(stamp: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
 def _engine(tmp_path: Path, roots=(), catalog_file: Path | None = None):
