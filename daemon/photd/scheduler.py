@@ -93,6 +93,7 @@ class Engine:
         self.targets = TargetBook(self.cfg, self.store, self.lookups, self.log)
         self._too_deep: set[Path] = set()  # folders below the depth limit, reported once
         self._master_crashes: dict[tuple[str, str, str], int] = {}
+        self._said_waiting: str | None = None  # the last "frames wait for a log" warning
 
     @property
     def work(self) -> Path:
@@ -564,8 +565,9 @@ class Engine:
     def went_idle(self) -> None:
         """Nothing left to do: say so if frames wait for a log while logs exist."""
         summary = self.waiting_for_log_summary()
-        if summary:
+        if summary and summary != self._said_waiting:  # a live night goes idle often
             self.log.warning(summary, stage="obslog", reason="waiting_log")
+        self._said_waiting = summary
 
     def waiting_for_log_summary(self) -> str | None:
         """``N frames wait ... (e.g. PATH: WHY)`` when logs were found but do not cover them."""
