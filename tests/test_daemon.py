@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 from astropy.io import fits
 
 from daemon_config import write_config
+from night_rows import assert_same_night, store_rows
 from photd.simulate import SimOptions, load_truth, simulate_night
 from photd.watcher import check_complete
 
@@ -74,23 +74,6 @@ def _check_final_states(status: dict, truth) -> None:
     assert len(by_path) == len(truth.frames())
 
 
-def _store_rows(work: Path) -> dict:
-    con = sqlite3.connect(work / "photd.sqlite")
-    try:
-        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        meas = con.execute("SELECT f.path, m.star_id, m.flux_e FROM measurements m "
-                           "JOIN frames f ON f.id = m.frame_id").fetchall()
-        lc = con.execute("SELECT f.path, l.target, l.diff_mag FROM lightcurve l "
-                         "JOIN frames f ON f.id = l.frame_id").fetchall()
-        states = dict(con.execute("SELECT path, state FROM frames").fetchall())
-    finally:
-        con.close()
-    keys = [(p, s) for p, s, _ in meas]
-    assert len(keys) == len(set(keys)), "duplicate measurement rows"
-    return {"measurements": {(p, s): f for p, s, f in meas},
-            "lightcurve": {(p, t): d for p, t, d in lc}, "states": states}
-
-
 def test_check_complete_follows_a_frame_written_in_chunks(tmp_path):
     data = fits.PrimaryHDU(data=np.zeros((100, 80), "uint16"))
     whole = tmp_path / "whole.fits"
@@ -137,7 +120,7 @@ def test_night_written_live_ends_with_every_frame_in_its_state_once(tmp_path):
     events = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     done = [e for e in events if e.get("event") == "frame done"]
     assert done and all({"frame", "band", "stage", "elapsed_s"} <= set(e) for e in done)
-    rows = _store_rows(tmp_path / "work")
+    rows = store_rows(tmp_path / "work")
     n_done = sum(1 for s in rows["states"].values() if s == "done")
     assert n_done == sum(1 for f in truth.frames("object") if not f["defect"])
     assert len(rows["lightcurve"]) == n_done  # one target row per measured frame
@@ -225,7 +208,7 @@ def test_kill_9_at_random_moments_ends_like_an_undisturbed_run(tmp_path):
     p = _photd("run", "--config", str(cfg), "--until-idle", "4")
     err = _wait(p, 600)
     assert p.returncode == 0, err[-2000:]
-    reference = _store_rows(calm / "work")
+    reference = store_rows(calm / "work")
 
     rough = tmp_path / "rough"
     rough.mkdir()
@@ -239,14 +222,7 @@ def test_kill_9_at_random_moments_ends_like_an_undisturbed_run(tmp_path):
     p = _photd("run", "--config", str(cfg2), "--until-idle", "4")
     err = _wait(p, 600)
     assert p.returncode == 0, err[-2000:]
-    got = _store_rows(rough / "work")
-    assert got["states"] == reference["states"]
-    assert got["measurements"].keys() == reference["measurements"].keys()
-    for key, flux in reference["measurements"].items():
-        assert got["measurements"][key] == pytest.approx(flux, rel=1e-6, abs=1e-6)
-    assert got["lightcurve"].keys() == reference["lightcurve"].keys()
-    for key, mag in reference["lightcurve"].items():
-        assert got["lightcurve"][key] == pytest.approx(mag, abs=1e-6)
+    assert_same_night(store_rows(rough / "work"), reference, lightcurve_values=True)
 
 
 def test_dawn_flats_remeasure_provisional_frames_without_duplicates(tmp_path):

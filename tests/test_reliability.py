@@ -26,6 +26,7 @@ import pytest
 from astropy.io import fits
 
 from daemon_config import write_config
+from night_rows import assert_same_night, store_rows
 from photd.simulate import SimOptions, load_truth, simulate_night
 
 TINY = SimOptions(seed=5, small=True, science_per_target=3, n_bias=4, n_flat=4, n_dark=0)
@@ -65,31 +66,6 @@ def _states(db: Path) -> dict[str, str]:
             con.close()
     except sqlite3.Error:
         return {}
-
-
-def _rows(work: Path) -> dict:
-    con = sqlite3.connect(work / "photd.sqlite")
-    try:
-        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        meas = con.execute("SELECT f.path, m.star_id, m.flux_e FROM measurements m "
-                           "JOIN frames f ON f.id = m.frame_id").fetchall()
-        lc = con.execute("SELECT f.path, l.target, l.diff_mag FROM lightcurve l "
-                         "JOIN frames f ON f.id = l.frame_id").fetchall()
-        states = dict(con.execute("SELECT path, state FROM frames").fetchall())
-    finally:
-        con.close()
-    keys = [(p, s) for p, s, _ in meas]
-    assert len(keys) == len(set(keys)), "duplicate measurement rows"
-    return {"measurements": {(p, s): f for p, s, f in meas},
-            "lightcurve": {(p, t): d for p, t, d in lc}, "states": states}
-
-
-def _same_night(got: dict, reference: dict) -> None:
-    assert got["states"] == reference["states"]
-    assert got["measurements"].keys() == reference["measurements"].keys()
-    for key, flux in reference["measurements"].items():
-        assert got["measurements"][key] == pytest.approx(flux, rel=1e-6, abs=1e-6)
-    assert got["lightcurve"].keys() == reference["lightcurve"].keys()
 
 
 def _children(pid: int) -> set[int]:
@@ -145,7 +121,7 @@ def reference(night: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     p = _photd(cfg, "--until-idle", "3")
     assert p.wait(timeout=600) == 0, _log(cfg)[-3000:]
     _figure("none (reference night)", night_s=time.monotonic() - t0)
-    return {"rows": _rows(cfg.parent / "work"), "work": cfg.parent / "work"}
+    return {"rows": store_rows(cfg.parent / "work"), "work": cfg.parent / "work"}
 
 
 # --------------------------------------------------------------------------- processes
@@ -172,7 +148,7 @@ def test_kill_9_of_the_main_process_alone_leaves_no_orphan_and_a_restart_runs(
             night_after_restart_s=time.monotonic() - killed_at)
     assert "another photd is running" not in _log(cfg)
     assert orphans_lived_s < 5
-    _same_night(_rows(cfg.parent / "work"), reference["rows"])
+    assert_same_night(store_rows(cfg.parent / "work"), reference["rows"])
 
 
 def test_a_worker_killed_while_calibrations_dispatch_leaves_the_night_whole(
@@ -201,7 +177,7 @@ def test_a_worker_killed_while_calibrations_dispatch_leaves_the_night_whole(
     _figure("worker SIGKILL", pool_back_s=_seconds(renewed) - _seconds(crash),
             rest_of_night_s=time.monotonic() - t0)
     assert any(e.get("event") == "worker pool restarted" for e in events)
-    _same_night(_rows(cfg.parent / "work"), reference["rows"])
+    assert_same_night(store_rows(cfg.parent / "work"), reference["rows"])
 
 
 def test_sigterm_right_after_a_worker_died_stops_the_daemon_at_once(tmp_path, night):
@@ -248,7 +224,7 @@ def test_a_store_lock_held_by_another_process_and_a_deleted_lock_file(
             fault_to_cleared_s=_seconds(cleared["timestamp"]) - _seconds(busy[0]["timestamp"]))
     assert busy and busy[0]["event"] == "fault in the main loop: retrying"
     assert busy[0]["retry_in_s"] > 0
-    _same_night(_rows(work), reference["rows"])
+    assert_same_night(store_rows(work), reference["rows"])
 
 
 # --------------------------------------------------------------------------- the store
@@ -277,7 +253,7 @@ def test_a_damaged_store_is_restored_from_the_newest_good_backup(tmp_path, refer
     restored = [e for e in _events(cfg) if e.get("reason") == "store_damaged"]
     assert restored and restored[0]["backup"] == str(backup)
     assert Path(restored[0]["damaged_copy"]).exists()  # kept aside, never deleted
-    _same_night(_rows(work), reference["rows"])
+    assert_same_night(store_rows(work), reference["rows"])
     _figure("damaged store, good backup", start_to_night_done_s=recovery_s)
     assert recovery_s < 120
 
@@ -439,7 +415,7 @@ def test_a_flood_of_junk_files_neither_freezes_the_loop_nor_delays_a_stop(
     writer.join()
     assert p.wait(timeout=600) == 0, _log(cfg)[-3000:]
     night_s = time.monotonic() - t0
-    got = _rows(cfg.parent / "work")
+    got = store_rows(cfg.parent / "work")
     ref = reference["rows"]
     assert {k.replace(str(copy), "N"): v for k, v in got["states"].items()} == \
         {k.replace(str(night), "N"): v for k, v in ref["states"].items()}
